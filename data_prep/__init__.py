@@ -1,0 +1,1 @@
+"""Sharding jobs: inputs -> zstd Arrow shards + manifest (see megatrain.data.format)."""
