@@ -1,0 +1,187 @@
+"""The run configuration: typed dataclasses are the schema, YAML files fill them in.
+
+`load_config(path, overrides)` reads a YAML file with `yaml.safe_load`, applies
+`key.sub=value` overrides (values parsed as YAML, then checked against the field's
+type) and validates the result. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+
+from megatrain.model import MegabyteConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    train_steps: int = 100
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 500
+    decay_power: float = 1.0  # polynomial decay from lr to min_lr over the steps after warmup
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 1234
+    activation_checkpointing: bool = False
+    log_interval: int = 10  # console line every N steps
+    eval_interval: int = 0  # validation bits per byte every N steps (0: never)
+    eval_bytes: int = 1 << 20
+    save_interval: int = 0
+    keep_last: int = 0  # 0 keeps every checkpoint
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # directory of shards + manifest.json (or --data)
+    boundary: str = ""  # bytes inserted between documents (UTF-8), default none
+    prefetch: int = 4  # micro-batches read ahead
+    on_corrupt: Literal["error", "skip"] = "error"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    pp: int = 1
+    tp: int = 1
+    partition_method: str = "parameters"  # DeepSpeed PipelineModule partitioning
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: MegabyteConfig = field(default_factory=MegabyteConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a run config from YAML and apply `key.sub=value` overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{path}: override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value), source=f"{path}: override {item!r}")
+    cfg = build(RunConfig, raw, source=str(path))
+    problems = cfg.model.problems()
+    if problems:
+        raise ConfigError("\n".join(f"{path}: model.{key}: {msg}" for key, msg in problems))
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """The plain (YAML/JSON-able) form of a config, for checkpoints and logs."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from plain data, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {name!r} (known: {', '.join(fields)})")
+        values[key] = _coerce(hints[key], value, source, name)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {name}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, source, prefix=f"{name}.")
+    if origin is Literal:
+        if value not in args:
+            raise wrong(" or ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(option, value, source, name)
+            except ConfigError:
+                pass
+        raise wrong(str(tp))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, source, f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise wrong(f"a list of {len(args)}")
+        return tuple(_coerce(a, v, source, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong("a mapping")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise wrong("null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    raise TypeError(f"config field {name}: unsupported type {tp}")

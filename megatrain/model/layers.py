@@ -1,0 +1,126 @@
+"""Transformer building blocks shared by every stage of MEGABYTE.
+
+Activations of a stage are laid out as [B, n, m, D]: B sequences, n independent
+units (patches of the stage above; n = 1 for the global model), m positions per
+unit, width D. Attention runs over m, causally, with B * n as the batch.
+
+Tensor parallelism replaces `Attention.qkv`/`Attention.proj` and `MLP.fc1`/`MLP.fc2`
+with column/row-parallel linears that hold a slice of the heads (megatrain.parallel);
+nothing here knows about it: the number of heads is read off `qkv`'s output size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoFormer) of x[..., L, head_dim] at integer positions [L]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention over the m positions of each unit.
+
+    With `cross_patch = r > 0` (paper Section 2.3.2) the keys and values of every
+    layer also include the last r positions of the previous unit (none for the
+    first unit of a sequence), and rotary embeddings give relative positions.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, cross_patch: int = 0) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.cross_patch = cross_patch
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, n, m, _ = h.shape
+        heads = self.qkv.out_features // (3 * self.head_dim)  # this rank's heads under TP
+        qkv = self.qkv(h).view(B, n, m, 3, heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)  # each [B, n, heads, m, head_dim]
+        drop = self.dropout if self.training else 0.0
+        if self.cross_patch:
+            out = self._cross_patch_attention(q, k, v, drop)
+        else:
+            shape = (B * n, heads, m, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                q.reshape(shape), k.reshape(shape), v.reshape(shape), dropout_p=drop, is_causal=True
+            )
+        out = out.view(B, n, heads, m, self.head_dim).transpose(2, 3).reshape(B, n, m, -1)
+        return self.proj(out)
+
+    def _cross_patch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               drop: float) -> torch.Tensor:
+        B, n, heads, m, hd = q.shape
+        r = self.cross_patch
+        # Keys/values of the previous unit's last r positions; unit 0 gets zeros, masked below.
+        k_prev = F.pad(k[:, :-1, :, -r:], (0, 0, 0, 0, 0, 0, 1, 0))
+        v_prev = F.pad(v[:, :-1, :, -r:], (0, 0, 0, 0, 0, 0, 1, 0))
+        positions = torch.arange(-r, m, device=q.device)
+        q = rotary(q, positions[r:])
+        k = rotary(torch.cat((k_prev, k), dim=3), positions)
+        v = torch.cat((v_prev, v), dim=3)
+        causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+        has_prev = (torch.arange(n, device=q.device) > 0)[:, None, None].expand(n, m, r)
+        mask = torch.cat((has_prev, causal.expand(n, m, m)), dim=2)  # [n, m, r + m]
+        mask = mask[None, :, None].expand(B, n, 1, m, r + m).reshape(B * n, 1, m, r + m)
+        out = F.scaled_dot_product_attention(
+            q.reshape(B * n, heads, m, hd), k.reshape(B * n, heads, r + m, hd),
+            v.reshape(B * n, heads, r + m, hd), attn_mask=mask, dropout_p=drop,
+        )
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (Appendix A); dropout on both residual branches."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float, norm_eps: float,
+                 cross_patch: int = 0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads, dropout, cross_patch)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_ratio * dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.drop(self.attn(self.norm1(h)))
+        return h + self.drop(self.mlp(self.norm2(h)))
+
+
+class CausalConvEncoder(nn.Module):
+    """Causal 1-D convolutions over byte embeddings (paper Section 2.3.1).
+
+    Residual layers with kernels 3, 5 and 7, left-padded so position t sees t-k+1..t.
+    """
+
+    KERNELS = (3, 5, 7)
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, k) for k in self.KERNELS)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        x = e.transpose(1, 2)
+        for conv in self.convs:
+            x = x + conv(F.pad(x, (conv.kernel_size[0] - 1, 0)))
+        return x.transpose(1, 2)

@@ -1,0 +1,137 @@
+import math
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.config import load_config
+from megatrain.model import Megabyte, MegabyteConfig, StageBlock, StageConfig, StageInput, bytes_loss
+
+from .naive import naive_logits
+
+REPO = Path(__file__).resolve().parents[2]
+
+SMALL = MegabyteConfig(
+    seq_len=32, patch_size=4, global_dim=32, global_layers=2, global_heads=2,
+    local_dim=16, local_layers=2, local_heads=2, dropout=0.0, init_std=0.1,
+)
+VARIANTS = {
+    "plain": SMALL,
+    "cross_patch": replace(SMALL, cross_patch=2),
+    "conv_encoder": replace(SMALL, conv_encoder=True),
+    "both": replace(SMALL, cross_patch=3, conv_encoder=True),
+    "untied_head": replace(SMALL, tie_local_embedding=False),
+    "three_stages": replace(SMALL, seq_len=64, patch_size=8, global_dim=64,
+                            mid_stages=(StageConfig(patch_size=2, dim=32, layers=1, heads=2),)),
+}
+
+
+def model_for(cfg: MegabyteConfig, seed: int = 0) -> Megabyte:
+    torch.manual_seed(seed)
+    return Megabyte(cfg).eval()
+
+
+def test_contract_api_tiny_config():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    x = torch.randint(0, 256, (2, cfg.model.seq_len))
+    logits = Megabyte(cfg.model)(x)
+    assert logits.shape == (2, cfg.model.seq_len, 256)
+
+
+@pytest.mark.parametrize("name", ["plain", "cross_patch", "conv_encoder", "both", "untied_head"])
+def test_matches_naive_equations(name):
+    cfg = VARIANTS[name]
+    model = model_for(cfg).double()
+    x = torch.randint(0, 256, (2, cfg.seq_len))
+    # byte 0 is an ordinary byte
+    x[0, :5] = 0
+    with torch.no_grad():
+        batched = model(x)
+        for b in range(x.shape[0]):
+            torch.testing.assert_close(batched[b], naive_logits(model, x[b]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_causal(name):
+    cfg = VARIANTS[name]
+    model = model_for(cfg)
+    x = torch.randint(0, 256, (1, cfg.seq_len))
+    base = model(x)
+    for t in (0, cfg.patch_size - 1, cfg.patch_size, cfg.seq_len // 2 + 1, cfg.seq_len - 2):
+        y = x.clone()
+        y[0, t] = (y[0, t] + 1) % 256
+        out = model(y)
+        assert torch.equal(out[0, : t + 1], base[0, : t + 1]), f"logits up to {t} changed"
+        assert not torch.allclose(out[0, t + 1], base[0, t + 1]), f"logits at {t + 1} ignore byte {t}"
+
+
+def test_first_byte_of_patch_sees_previous_patch_only_through_global_model():
+    cfg, P = SMALL, SMALL.patch_size
+    model = model_for(cfg)
+    layers = list(model.layers)
+    split = next(i for i, m in enumerate(layers) if isinstance(m, StageInput))
+    x = torch.randint(0, 256, (1, cfg.seq_len))
+    with torch.no_grad():
+        state = x
+        for layer in layers[:split]:
+            state = layer(state)
+        global_out = state[0]
+
+        def local_logits(bytes_):
+            s = (global_out, bytes_)
+            for layer in layers[split:]:
+                s = layer(s)
+            return s
+
+        k = 3  # change the last byte of patch k, holding the global model's output fixed
+        y = x.clone()
+        y[0, (k + 1) * P - 1] ^= 0x55
+        base, changed = local_logits(x), local_logits(y)
+    first_of_next = (k + 1) * P
+    assert torch.equal(base[0, first_of_next], changed[0, first_of_next])
+    # yet the full model does see the change there, through the global model
+    assert not torch.allclose(model(x)[0, first_of_next], model(y)[0, first_of_next])
+
+
+def test_short_sequences_are_padded_to_whole_patches():
+    model = model_for(SMALL)
+    x = torch.randint(0, 256, (2, SMALL.seq_len))
+    full = model(x)
+    torch.testing.assert_close(model(x[:, :7]), full[:, :7])
+
+
+def test_text_1b_config_size():
+    cfg = load_config(REPO / "configs" / "megabyte-text-1b.yaml").model
+    with torch.device("meta"):
+        model = Megabyte(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    global_params = sum(p.numel() for m in model.layers[: 1 + cfg.global_layers] for p in m.parameters())
+    assert 0.9e9 <= total <= 1.1e9, total
+    assert 0.65e9 <= global_params <= 0.8e9 and 0.2e9 <= total - global_params <= 0.3e9
+
+
+def test_tiny_model_overfits_2kb_sequence():
+    text = Path(textwrap.__file__).read_bytes()[:2048]
+    x = torch.tensor(list(text)).unsqueeze(0)
+    cfg = MegabyteConfig(seq_len=2048, patch_size=8, global_dim=256, global_layers=2, global_heads=4,
+                         local_dim=64, local_layers=2, local_heads=4, dropout=0.0, init_std=0.02)
+    model = model_for(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(400):
+        loss = bytes_loss(model(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() / math.log(2) < 0.5:
+            break
+    assert loss.item() / math.log(2) < 0.5, f"stuck at {loss.item() / math.log(2):.3f} bits per byte after {step} steps"
+
+
+def test_layers_are_flat_and_ordered():
+    cfg = VARIANTS["three_stages"]
+    kinds = [type(m).__name__ for m in model_for(cfg).layers]
+    assert kinds == (["GlobalEmbedding"] + ["StageBlock"] * 2 + ["StageInput", "StageBlock"]
+                     + ["StageInput"] + ["StageBlock"] * 2 + ["Head"])
+    assert sum(isinstance(m, StageBlock) for m in model_for(cfg).layers) == 5

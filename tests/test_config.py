@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from megatrain.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny", "megabyte-text-1b", "megabyte-1m"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.model.seq_len % cfg.model.patch_size == 0
+
+
+def test_paper_text_recipe():
+    cfg = load_config(REPO / "configs" / "megabyte-text-1b.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.seq_len, m.patch_size, m.global_dim, m.global_layers) == (8192, 8, 2048, 14)
+    assert (m.local_dim, m.local_layers, m.dropout, m.init_std) == (1024, 18, 0.1, 0.006)
+    assert t.micro_batch_size * t.grad_accum_steps == 48
+    assert (t.lr, t.betas, t.weight_decay, t.grad_clip, t.warmup_steps) == (2e-4, (0.9, 0.98), 0.1, 1.0, 500)
+    assert load_config(REPO / "configs" / "megabyte-1m.yaml").model.seq_len == 1_048_576
+
+
+def test_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "model:\n  seq_len: 64\n  patch_size: 4\n  global_dim: 32\n")
+    cfg = load_config(path, ["train.lr=1e-3", "model.global_layers=3", "train.betas=[0.8, 0.9]",
+                             "model.conv_encoder=true", "data.path=/x"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.model.global_layers == 3 and cfg.model.conv_encoder is True
+    assert cfg.train.betas == (0.8, 0.9) and cfg.data.path == "/x"
+
+
+def test_mid_stages_from_yaml(tmp_path):
+    path = write(tmp_path, "model:\n  seq_len: 512\n  patch_size: 64\n  global_dim: 512\n"
+                           "  mid_stages:\n    - {patch_size: 8, dim: 256, layers: 2, heads: 4}\n")
+    cfg = load_config(path)
+    assert [s.patch_size for s in cfg.model.stages] == [64, 8, 1]
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    ("model:\n  seq_lenn: 64\n", [], "unknown key 'model.seq_lenn'"),
+    ("trian:\n  lr: 1\n", [], "unknown key 'trian'"),
+    ("model:\n  global_layers: two\n", [], "model.global_layers: expected an integer"),
+    ("train:\n  lr: fast\n", [], "train.lr: expected a number"),
+    ("train:\n  precision: fp8\n", [], "train.precision: expected 'bf16' or 'fp32'"),
+    ("model:\n  seq_len: 100\n  patch_size: 8\n", [], "model.seq_len: 100 is not divisible by patch_size 8"),
+    ("model:\n  global_dim: 100\n  patch_size: 8\n  seq_len: 64\n", [], "model.global_dim: 100 is not divisible by patch_size 8"),
+    ("model:\n  global_heads: 3\n", [], "model.global_heads"),
+    ("", ["model.nope=1"], "unknown key 'model.nope'"),
+    ("", ["train.lr"], "expected key.sub=value"),
+    ("- a\n- b\n", [], "expected a mapping"),
+    ("model: [\n", [], "invalid YAML"),
+])
+def test_bad_config_names_key_and_file(tmp_path, text, overrides, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
