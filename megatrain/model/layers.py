@@ -11,6 +11,8 @@ nothing here knows about it: the number of heads is read off `qkv`'s output size
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,30 @@ def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer for the positions of the current unit.
+
+    Keys are kept before the rotary embedding: the previous unit's last r keys
+    (cross-patch attention) take new relative positions when a unit starts.
+    """
+
+    k: torch.Tensor | None = None  # [B, heads, positions, head_dim]
+    v: torch.Tensor | None = None
+    prev_k: torch.Tensor | None = None  # the previous unit's last r keys, or None
+    prev_v: torch.Tensor | None = None
+
+    def next_unit(self, keep_last: int) -> None:
+        """Start a new unit, keeping the last `keep_last` positions for cross-patch attention."""
+        if keep_last and self.k is not None:
+            self.prev_k, self.prev_v = self.k[:, :, -keep_last:], self.v[:, :, -keep_last:]
+        self.k = self.v = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
 
 
 class Attention(nn.Module):
@@ -57,6 +83,22 @@ class Attention(nn.Module):
             )
         out = out.view(B, n, heads, m, self.head_dim).transpose(2, 3).reshape(B, n, m, -1)
         return self.proj(out)
+
+    def step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attention output for one new position h [B, D] of the current unit (generation)."""
+        B = h.shape[0]
+        q, k, v = self.qkv(h).view(B, 3, -1, 1, self.head_dim).unbind(1)  # [B, heads, 1, hd]
+        cache.append(k, v)
+        keys, values = cache.k, cache.v
+        if self.cross_patch:
+            position = keys.shape[2] - 1
+            keys = rotary(keys, torch.arange(keys.shape[2], device=h.device))
+            q = rotary(q, torch.tensor([position], device=h.device))
+            if cache.prev_k is not None:
+                prev = rotary(cache.prev_k, torch.arange(-self.cross_patch, 0, device=h.device))
+                keys, values = torch.cat((prev, keys), dim=2), torch.cat((cache.prev_v, values), dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values)  # the new position sees all cached
+        return self.proj(out.reshape(B, -1))
 
     def _cross_patch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                drop: float) -> torch.Tensor:
@@ -106,6 +148,11 @@ class Block(nn.Module):
         h = h + self.drop(self.attn(self.norm1(h)))
         return h + self.drop(self.mlp(self.norm2(h)))
 
+    def step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new position h [B, D] with the unit's cached keys and values (eval mode)."""
+        h = h + self.attn.step(self.norm1(h), cache)
+        return h + self.mlp(self.norm2(h))
+
 
 class CausalConvEncoder(nn.Module):
     """Causal 1-D convolutions over byte embeddings (paper Section 2.3.1).
@@ -114,6 +161,7 @@ class CausalConvEncoder(nn.Module):
     """
 
     KERNELS = (3, 5, 7)
+    RECEPTIVE_FIELD = 1 + sum(k - 1 for k in KERNELS)  # bytes an output position depends on
 
     def __init__(self, dim: int) -> None:
         super().__init__()

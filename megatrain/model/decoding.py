@@ -1,0 +1,108 @@
+"""Byte-by-byte decoding with key/value caches in every stage (paper Section 2, generation).
+
+A stage steps once per unit: the global model once per patch, the local model once
+per byte. So a patch costs L_global + P * L_local sequential layer steps instead of
+the P * (L_global + L_local) of recomputing the whole model for every byte.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers import KVCache
+from .megabyte import GlobalEmbedding, Head, Megabyte, StageBlock, StageInput
+
+
+class IncrementalDecoder:
+    """Feed bytes with `push`; `next_logits()` gives the logits [B, 256] for the next byte.
+
+    Holds the bytes so far and one KVCache per attention layer. Equal (to float
+    rounding) to `model(x)[:, t]` for every position t < seq_len.
+    """
+
+    def __init__(self, model: Megabyte, batch_size: int = 1) -> None:
+        self.model = model.eval()
+        self.cfg = model.config
+        layers = list(model.layers)
+        self.embed: GlobalEmbedding = layers[0]
+        self.head: Head = layers[-1]
+        self.inputs: list[StageInput | None] = [None]  # stage s > 0 starts with a StageInput
+        self.blocks: list[list[StageBlock]] = [[]]
+        for layer in layers[1:-1]:
+            if isinstance(layer, StageInput):
+                self.inputs.append(layer)
+                self.blocks.append([])
+            else:
+                self.blocks[-1].append(layer)
+        self.unit_bytes = [s.patch_size for s in self.cfg.stages]
+        self.caches = [[KVCache() for _ in blocks] for blocks in self.blocks]
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.blocks)  # current unit's output
+        self.stepped_at = [-1] * len(self.blocks)  # byte at which each stage last stepped
+        device = next(model.parameters()).device
+        self.bytes = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.bytes.shape[1]
+
+    def push(self, byte: torch.Tensor) -> None:
+        """Append one byte per sequence (LongTensor [B])."""
+        if self.length >= self.cfg.seq_len:
+            raise ValueError(f"context is full: seq_len is {self.cfg.seq_len} bytes")
+        self.bytes = torch.cat((self.bytes, byte.view(-1, 1).to(self.bytes)), dim=1)
+
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        t = self.length
+        if t >= self.cfg.seq_len:
+            raise ValueError(f"context is full: seq_len is {self.cfg.seq_len} bytes")
+        for s, unit in enumerate(self.unit_bytes):
+            if t % unit == 0 and self.stepped_at[s] != t:
+                self._step_stage(s, t)
+        h = self.outputs[-1]
+        return self.head((h.view(h.shape[0], 1, 1, -1), None))[:, 0]
+
+    def _step_stage(self, s: int, t: int) -> None:
+        """Run stage s for the unit that starts at byte t."""
+        self.stepped_at[s] = t
+        unit = self.unit_bytes[s]
+        if s == 0:
+            h = self._global_input(t)
+        else:
+            parent_unit = self.unit_bytes[s - 1]
+            j = (t % parent_unit) // unit  # position inside the parent unit
+            if j == 0:
+                for cache in self.caches[s]:
+                    cache.next_unit(self.cfg.cross_patch)
+            layer = self.inputs[s]
+            above = layer.norm(self.outputs[s - 1])
+            context = layer.proj(above.view(above.shape[0], layer.units, -1)[:, j])
+            if j == 0:
+                shifted = layer.pad.expand_as(context)
+            else:
+                shifted = layer.byte_embed(self.bytes[:, t - unit:t]).flatten(1)
+            h = context + shifted
+        for block, cache in zip(self.blocks[s], self.caches[s]):
+            h = block.step(h, cache)
+        self.outputs[s] = h
+
+    def _global_input(self, t: int) -> torch.Tensor:
+        """The global model's input at patch t / P: the pad, or the embedding of the patch before."""
+        B, P = self.bytes.shape[0], self.cfg.patch_size
+        if t == 0:
+            return self.embed.pad.expand(B, -1)
+        start = t - P
+        if self.embed.conv is not None:  # its causal convolutions need earlier bytes
+            start = max(0, start - (self.embed.conv.RECEPTIVE_FIELD - 1))
+        e = self.embed.byte_embed(self.bytes[:, start:t])
+        if self.embed.conv is not None:
+            e = self.embed.conv(e)
+        e = e[:, -P:] + self.embed.pos_embed[t - P:t]
+        return e.reshape(B, -1)
+
+
+def uncached_next_logits(model: Megabyte, x: torch.Tensor) -> torch.Tensor:
+    """Next-byte logits [B, 256] by running the whole model on x [B, t] (t may be 0)."""
+    with torch.no_grad():  # a placeholder byte at position t: its logits see only bytes < t
+        return model(F.pad(x, (0, 1)))[:, -1]

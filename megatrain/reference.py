@@ -1,0 +1,36 @@
+"""The single-device reference model on disk: one fp32 state dict plus its config.
+
+This is what `python -m megatrain.checkpoint export` writes and what evaluation
+and generation load. Files are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatrain.config import ConfigError, build, config_to_dict
+from megatrain.model import Megabyte, MegabyteConfig
+
+
+def save_reference(model: Megabyte, path: str | Path) -> None:
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": config_to_dict(model.config), "model": state}, path)
+
+
+def load_reference(path: str | Path, device: str | torch.device = "cpu") -> Megabyte:
+    """Load an exported model file (see megatrain.checkpoint export)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a training checkpoint directory; export it with "
+                                f"`python -m megatrain.checkpoint export {path} OUT.pt` and load OUT.pt")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or not {"config", "model"} <= blob.keys():
+        raise ConfigError(f"{path}: not a megatrain model file (needs 'config' and 'model')")
+    cfg = build(MegabyteConfig, blob["config"], source=str(path))
+    model = Megabyte(cfg)
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval()
