@@ -1,0 +1,124 @@
+"""Bits per byte of a model on a byte stream, as the paper measures it.
+
+    python -m megatrain.evaluate --load MODEL --data DIR [--split val] [--max-bytes N]
+        [--strided] [--sliding W]
+
+Every byte of the stream is predicted exactly once, from a window of at most seq_len
+bytes that starts on a patch boundary:
+- plain: consecutive windows of seq_len bytes;
+- `--sliding W`: windows advance by W bytes and each scores only the bytes the
+  previous ones did not, so every byte after the first window sees seq_len - W
+  bytes of context or more;
+- `--strided` (Section 2.3.3): a second pass with windows offset by P/2; each pass
+  keeps the predictions of the first half of every patch, where MEGABYTE is best.
+Both can be combined (the paper's best PG-19 figure). Training's validation calls
+`bits_per_byte` too. The last line printed is a JSON object with `bpb` and `bytes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # bytes [B, T] -> logits [B, T, 256]
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first byte of the window in the stream
+    length: int
+    score: np.ndarray  # bool [length]: which of its predictions count
+
+
+def plan_windows(n_bytes: int, seq_len: int, patch_size: int, strided: bool = False,
+                 sliding: int | None = None) -> Iterator[Window]:
+    """The windows that together predict each of n_bytes bytes exactly once."""
+    stride = sliding or seq_len
+    if stride % patch_size or not 0 < stride <= seq_len:
+        raise ValueError(f"sliding stride {stride} must be a multiple of the patch size "
+                         f"{patch_size} in (0, seq_len={seq_len}]")
+    half = patch_size // 2
+    for offset in ((0, half) if strided else (0,)):
+        covered = offset
+        for start in range(offset, n_bytes, stride):
+            length = min(seq_len, n_bytes - start)
+            position = np.arange(length)
+            score = start + position >= covered
+            if strided:
+                score &= position % patch_size < half
+            covered = start + length
+            if score.any():
+                yield Window(start, length, score)
+            if covered == n_bytes:
+                break
+
+
+def bits_per_byte(logits_fn: LogitsFn, data: np.ndarray, seq_len: int, patch_size: int,
+                  strided: bool = False, sliding: int | None = None, batch_size: int = 8,
+                  device: str | torch.device = "cpu") -> dict:
+    """{"bpb", "bytes", "nats"} of the byte array `data` under the model."""
+    total_nats, total_bytes = 0.0, 0
+    batch: list[Window] = []
+
+    def flush() -> None:
+        nonlocal total_nats, total_bytes
+        x = torch.stack([torch.from_numpy(data[w.start:w.start + w.length].astype(np.int64)) for w in batch])
+        x = x.to(device)
+        with torch.no_grad():
+            nats = F.cross_entropy(logits_fn(x).float().transpose(1, 2), x, reduction="none")
+        mask = torch.from_numpy(np.stack([w.score for w in batch])).to(device)
+        total_nats += nats[mask].double().sum().item()
+        total_bytes += int(mask.sum())
+        batch.clear()
+
+    for window in plan_windows(len(data), seq_len, patch_size, strided, sliding):
+        if batch and (len(batch) == batch_size or window.length != batch[0].length):
+            flush()
+        batch.append(window)
+    if batch:
+        flush()
+    if total_bytes != len(data):
+        raise AssertionError(f"scored {total_bytes} of {len(data)} bytes")
+    return {"bpb": total_nats / max(total_bytes, 1) / math.log(2), "bytes": total_bytes,
+            "nats": total_nats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatrain.data import read_split
+    from megatrain.reference import load_reference
+
+    parser = argparse.ArgumentParser(prog="python -m megatrain.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--load", required=True, help="model file written by megatrain.checkpoint export")
+    parser.add_argument("--data", required=True, help="directory of shards and manifest.json")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--max-bytes", type=int, default=None, help="score the first N bytes of the split")
+    parser.add_argument("--strided", action="store_true", help="two passes offset by P/2 (Section 2.3.3)")
+    parser.add_argument("--sliding", type=int, default=None, metavar="W", help="sliding windows, stride W bytes")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.max_bytes is not None and args.max_bytes <= 0:
+        parser.error(f"--max-bytes must be positive, got {args.max_bytes}")
+    try:
+        model = load_reference(args.load, args.device)
+        data = read_split(args.data, args.split, args.max_bytes)
+        cfg = model.config
+        result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
+                               args.batch_size, args.device)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split,
+                      "strided": args.strided, "sliding": args.sliding}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import math
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatrain.evaluate import bits_per_byte, plan_windows
+from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("sliding", [None, 8, 32])
+def test_every_byte_scored_exactly_once(n, strided, sliding):
+    counts = Counter()
+    for w in plan_windows(n, seq_len=32, patch_size=8, strided=strided, sliding=sliding):
+        assert w.start % 4 == 0 and 0 < w.length <= 32  # patch- or half-patch-aligned
+        counts.update((w.start + np.flatnonzero(w.score)).tolist())
+    assert counts == Counter(range(n))
+
+
+def test_strided_keeps_the_first_half_of_each_patch():
+    for w in plan_windows(64, seq_len=32, patch_size=8, strided=True):
+        assert not w.score[(np.arange(w.length) % 8) >= 4].any()
+
+
+def test_bad_sliding_stride():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        list(plan_windows(100, 32, 8, sliding=12))
+
+
+def test_zero_logits_score_8_bits_per_byte():
+    data = np.frombuffer(bytes(range(256)) * 3, dtype=np.uint8)
+    result = bits_per_byte(lambda x: torch.zeros(*x.shape, 256), data, seq_len=64, patch_size=8, strided=True)
+    assert result["bytes"] == len(data)
+    assert abs(result["bpb"] - 8.0) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny MEGABYTE trained briefly on one stdlib file, and a sample of it."""
+    train = Path(textwrap.__file__).read_bytes()
+    sample = np.frombuffer(train[:4096], dtype=np.uint8)
+    cfg = MegabyteConfig(seq_len=128, patch_size=8, global_dim=128, global_layers=2, global_heads=4,
+                         local_dim=64, local_layers=2, local_heads=4, dropout=0.0, init_std=0.02)
+    torch.manual_seed(0)
+    model = Megabyte(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = torch.tensor(list(train))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):  # windows at random offsets, so no alignment is memorised
+        starts = torch.randint(len(data) - 128, (16, 1), generator=gen)
+        x = data[starts + torch.arange(128)]
+        loss = bytes_loss(model(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), sample
+
+
+def test_plain_equals_mean_loss_over_windows(trained):
+    model, data = trained
+    result = bits_per_byte(model, data, seq_len=128, patch_size=8)
+    x = torch.from_numpy(data.astype(np.int64)).view(-1, 128)
+    with torch.no_grad():
+        expected = bytes_loss(model(x), x).item() / math.log(2)
+    assert result["bytes"] == len(data)
+    assert result["bpb"] == pytest.approx(expected, rel=1e-5)
+    assert result["bpb"] < 5  # it learned something
+
+
+def test_sliding_windows_are_not_worse_than_plain(trained):
+    model, data = trained
+    assert bits_per_byte(model, data, 128, 8, sliding=32)["bpb"] <= bits_per_byte(model, data, 128, 8)["bpb"]
+
+
+def test_strided_takes_each_byte_from_the_pass_where_it_opens_a_half_patch(trained):
+    """Independent two-pass computation: byte b comes from pass A if b % P < P/2, else pass B."""
+    model, data = trained
+    data = data[:1024]
+    x = torch.from_numpy(data.astype(np.int64))
+
+    def per_byte_nats(start: int) -> dict[int, float]:
+        out = {}
+        for s in range(start, len(x), 128):
+            window = x[s:s + 128][None]
+            with torch.no_grad():
+                nats = torch.nn.functional.cross_entropy(model(window)[0], window[0], reduction="none")
+            out.update({s + i: v for i, v in enumerate(nats.tolist())})
+        return out
+
+    a, b = per_byte_nats(0), per_byte_nats(4)
+    total = sum(a[i] if i % 8 < 4 else b[i] for i in range(len(x)))
+    result = bits_per_byte(model, data, 128, 8, strided=True)
+    assert result["bpb"] == pytest.approx(total / len(x) / math.log(2), rel=1e-6)
