@@ -1,0 +1,119 @@
+"""Megatron-style tensor parallelism on the topology's tensor ("model") axis.
+
+A column-parallel linear holds a slice of the output features (for attention: a
+slice of the heads), the row-parallel linear after it the matching slice of the
+input features. The pair costs one all-reduce forward (after the row-parallel
+matmul) and one backward (before the column-parallel one). The model's layers are
+not changed: `shard_block` swaps a dense block's four linears for this rank's shards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain.model.layers import Block
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (the input was replicated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Sums partial results over the group forward; the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Mark x as replicated over `group` before rank-local work: backward sums its gradient."""
+    return _CopyToGroup.apply(x, group)
+
+
+def sum_over_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum each rank's partial x over `group`."""
+    return _SumOverGroup.apply(x, group)
+
+
+def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:
+    """Tag a sharded parameter as Megatron does, so that DeepSpeed counts every shard
+    in the gradient norm (replicated parameters count on tensor rank 0 only)."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y_rank = x W_rank^T with W_rank this rank's rows of W; x is replicated over the group."""
+
+    def __init__(self, weight: torch.Tensor, group: dist.ProcessGroup) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight)
+        mark_tensor_parallel(self.weight, partition_dim=0)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_group(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Linear):
+    """y = sum over ranks of x_rank W_rank^T, with W_rank this rank's columns of W."""
+
+    def __init__(self, weight: torch.Tensor, group: dist.ProcessGroup) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight)
+        mark_tensor_parallel(self.weight, partition_dim=1)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum_over_group(F.linear(x, self.weight), self.group)
+
+
+def column_shard(weight: torch.Tensor, rank: int, size: int, fused: int = 1) -> torch.Tensor:
+    """This rank's rows of `weight`. A fused weight ([q | k | v]: fused=3) is split block
+    by block, so that the shard is [q_rank | k_rank | v_rank]: the same heads of each."""
+    return torch.cat([block.chunk(size)[rank] for block in weight.chunk(fused)])
+
+
+def row_shard(weight: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's columns of `weight`."""
+    return weight.chunk(size, dim=1)[rank].contiguous()
+
+
+def shard_block(block: Block, group: dist.ProcessGroup) -> Block:
+    """Replace a dense block's attention and MLP linears by this rank's shards, in place.
+
+    Attention keeps heads/size heads (it reads its head count off qkv's width); the
+    MLP keeps hidden/size hidden units. Norms stay replicated.
+    """
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    attn, mlp = block.attn, block.mlp
+    for linear in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2):
+        if linear.bias is not None:
+            raise ValueError("tensor parallelism supports bias-free linears only")
+    with torch.no_grad():
+        attn.qkv = ColumnParallelLinear(column_shard(attn.qkv.weight, rank, size, fused=3), group)
+        attn.proj = RowParallelLinear(row_shard(attn.proj.weight, rank, size), group)
+        mlp.fc1 = ColumnParallelLinear(column_shard(mlp.fc1.weight, rank, size), group)
+        mlp.fc2 = RowParallelLinear(row_shard(mlp.fc2.weight, rank, size), group)
+    return block

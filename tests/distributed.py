@@ -1,0 +1,200 @@
+"""The one harness for multi-process tests (CPU, gloo).
+
+- `run_ranks(fn, world_size, *args)`: fn(rank, world_size, *args) in fresh spawned
+  processes that share a gloo process group; returns each rank's result.
+- `launch(launcher, nprocs, args)`: `launch/pretrain.py` as a real job under the
+  `deepspeed` launcher, `mpirun`, `srun`'s environment, a torchrun-style
+  environment, or plain `python`; `start_ranks` / `wait_ranks` for tests that
+  need the rank processes themselves (e.g. to kill one).
+- fixtures: `cpu_comm` builds DeepSpeed's shared-memory comm op once before any
+  multi-rank run (every rank building it at once can crash a fresh machine);
+  `tiny_shards` builds a small dataset with `data_prep.build_shards`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "launch" / "pretrain.py"
+BIN = Path(sys.executable).parent
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cpu_comm() -> None:
+    """Build DeepSpeed's CPU comm op here, once, before any rank of any test needs it."""
+    os.environ.update(CPU_ENV)
+    from megatrain.train.distributed import build_cpu_comm_op
+    build_cpu_comm_op()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train and val shards of some of the standard library's .py files (bytes every machine has)."""
+    stdlib = Path(json.__file__).parents[1]
+    files = sorted(str(p) for pkg in ("json", "email", "asyncio", "collections") for p in (stdlib / pkg).glob("*.py"))
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", str(out),
+                    "--val-fraction", "0.1", "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+# One thread per rank: the test models are far too small to gain from more, and
+# spinning OpenMP threads of several ranks on a few shared cores slow everything down.
+THREADS = "1"
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results: Any) -> None:
+    os.environ.update(CPU_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(int(THREADS))
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=60))
+        results.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
+    """fn(rank, world_size, *args) on `world_size` spawned ranks; their results by rank.
+
+    fn must be importable (a module-level function); a failing rank fails the call
+    with its traceback, and no rank outlives the call.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while len(out) < world_size:
+            rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world_size)]
+
+
+@dataclass
+class Job:
+    """A finished launch: its exit code (each rank's, where the test started them) and the
+    output of every process."""
+
+    returncode: int
+    output: str
+    seconds: float
+    rank_codes: list[int] | None = None
+
+
+def _launcher_command(launcher: str, nprocs: int, port: int) -> list[str]:
+    python = [sys.executable, "-u"]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(port)]
+    if launcher == "mpirun":
+        return [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-n", str(nprocs),
+                "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT", *python]
+    if launcher == "python":
+        assert nprocs == 1, "plain python runs one process"
+        return python
+    raise ValueError(f"unknown launcher {launcher!r}")
+
+
+def _rank_env(launcher: str, rank: int, nprocs: int, port: int) -> dict[str, str]:
+    """What `srun` or torchrun would set for one rank."""
+    if launcher == "srun":
+        return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(nprocs),
+                "SLURM_STEP_NUM_TASKS": str(nprocs), "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)}
+    if launcher == "env":
+        return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    raise ValueError(f"unknown per-rank launcher {launcher!r}")
+
+
+def _base_env(nprocs: int, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "OMPI_", "PMIX_"))}
+    return {**env, **CPU_ENV, "OMP_NUM_THREADS": THREADS, "MASTER_PORT": str(port)}
+
+
+def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s or torchrun's environment."""
+    port = free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = {**_base_env(nprocs, port), **_rank_env(launcher, rank, nprocs, port)}
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-u", str(PRETRAIN), *args], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> Job:
+    """Wait for every rank (killing all at the deadline); the worst exit code wins."""
+    start = time.monotonic()
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, start + timeout - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            codes.append(124)
+    output = "".join(f"--- rank {r}\n{(log_dir / f'rank{r}.log').read_text()}" for r in range(len(procs)))
+    return Job(max(codes, key=abs), output, time.monotonic() - start, codes)
+
+
+def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 240) -> Job:
+    """Run `launch/pretrain.py args` on `nprocs` ranks started by `launcher`:
+    deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
+    if launcher in ("srun", "env"):
+        return wait_ranks(start_ranks(launcher, nprocs, args, log_dir), log_dir, timeout)
+    port = free_port()
+    start = time.monotonic()
+    proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), str(PRETRAIN), *args],
+                            cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+        output, code = proc.communicate()[0], 124
+    return Job(code, output, time.monotonic() - start)

@@ -1,0 +1,136 @@
+"""Tensor-parallel blocks and the patch-parallel local model against their dense selves (2 ranks)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatrain.model import (MegabyteConfig, StageConfig, StageInput, bytes_loss, layer_specs,
+                             tie_local_embedding)
+from megatrain.parallel import (ColumnParallelLinear, PatchParallelLoss, RowParallelLinear, SplitPatches,
+                                build_layer, first_local_layer, patch_share, shard_block)
+from megatrain.parallel.tensor_parallel import column_shard, row_shard
+
+from ..distributed import run_ranks
+
+SMALL = MegabyteConfig(seq_len=32, patch_size=4, global_dim=32, global_layers=1, global_heads=4,
+                       local_dim=16, local_layers=2, local_heads=2, dropout=0.0, init_std=0.1)
+LOCAL_VARIANTS = {
+    "plain": SMALL,
+    "cross_patch": replace(SMALL, cross_patch=2),
+    "mid_stage_cross_patch": replace(SMALL, seq_len=64, patch_size=8, global_dim=64, cross_patch=2,
+                                     mid_stages=(StageConfig(patch_size=2, dim=32, layers=1, heads=2),)),
+}
+SEED = 7
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def tensor_parallel_block(rank: int, size: int) -> dict[str, float]:
+    """Largest gaps between a sharded global block and the dense one: output, input and weight grads."""
+    group = dist.group.WORLD
+    dense = build_layer(SMALL, 1, SEED).double()
+    sharded = shard_block(build_layer(SMALL, 1, SEED).double(), group)
+    torch.manual_seed(0)  # the same input and output weights on every rank
+    h = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=torch.float64)
+    x = torch.zeros(2, SMALL.seq_len, dtype=torch.long)
+    probe = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=torch.float64)
+    grads, outs = [], []
+    for block in (dense, sharded):
+        h_in = h.clone().requires_grad_()
+        out, _ = block((h_in, x))
+        (out * probe).sum().backward()
+        grads.append(h_in.grad)
+        outs.append(out)
+    gaps = {"output": max_diff(*outs), "input_grad": max_diff(*grads)}
+    for name, p in sharded.named_parameters():
+        g = dict(dense.named_parameters())[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            g = (column_shard(g, rank, size, fused=3 if "qkv" in name else 1) if p.partition_dim == 0
+                 else row_shard(g, rank, size))
+        gaps[f"grad {name}"] = max_diff(p.grad, g)
+    kinds = {type(m) for m in sharded.modules()}
+    gaps["heads_per_rank"] = sharded.attn.qkv.out_features // (3 * sharded.attn.head_dim)
+    gaps["sharded_types"] = float({ColumnParallelLinear, RowParallelLinear} <= kinds)
+    return gaps
+
+
+def local_layers(cfg: MegabyteConfig) -> nn.ModuleList:
+    layers = nn.ModuleList(build_layer(cfg, i, SEED).double()
+                           for i in range(first_local_layer(cfg), len(layer_specs(cfg))))
+    tie_local_embedding(layers)
+    return layers
+
+
+def run_local(layers: nn.ModuleList, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    state = (h, x)
+    for layer in layers[:-1]:
+        state = layer(state)
+    return layers[-1](state)
+
+
+def patch_parallel_local_model(rank: int, size: int, name: str) -> dict[str, float]:
+    """Gaps between the patch-split local model (summed over ranks) and the unsplit one."""
+    cfg, group = LOCAL_VARIANTS[name], dist.group.WORLD
+    torch.manual_seed(0)
+    h = torch.randn(2, 1, cfg.num_patches, cfg.global_dim, dtype=torch.float64)
+    x = torch.randint(0, 256, (2, cfg.seq_len))
+    whole = local_layers(cfg)
+    h_whole = h.clone().requires_grad_()
+    loss_whole = bytes_loss(run_local(whole, h_whole, x), x)
+    loss_whole.backward()
+
+    split = copy.deepcopy(whole)
+    share = patch_share(cfg, rank, size)
+    split[0].register_forward_pre_hook(SplitPatches(share, group))
+    seen = []
+    split[0].register_forward_hook(lambda m, args, out: seen.append(args[0][0].shape[2]))
+    h_split = h.clone().requires_grad_()
+    split.zero_grad()
+    loss = PatchParallelLoss(share, group)(run_local(split, h_split, x), x)
+    loss.backward()
+    gaps = {"loss": abs(loss.item() - loss_whole.item()), "global_output_grad": max_diff(h_split.grad, h_whole.grad),
+            "patches_run": seen[0], "halo": share.start - share.first}
+    for (n, p), q in zip(split.named_parameters(), whole.parameters()):
+        dist.all_reduce(p.grad, group=group)
+        gaps[f"grad {n}"] = max_diff(p.grad, q.grad)
+    assert isinstance(split[0], StageInput)
+    return gaps
+
+
+def all_checks(rank: int, size: int) -> dict:
+    return {"tp": tensor_parallel_block(rank, size),
+            "local": {name: patch_parallel_local_model(rank, size, name) for name in LOCAL_VARIANTS}}
+
+
+@pytest.fixture(scope="module")
+def per_rank():
+    return run_ranks(all_checks, 2)  # one launch for every check in this module
+
+
+def test_tensor_parallel_block_equals_dense(per_rank):
+    for rank, gaps in enumerate(r["tp"] for r in per_rank):
+        assert gaps.pop("sharded_types") == 1.0
+        assert gaps.pop("heads_per_rank") == SMALL.global_heads // 2
+        assert any(k.startswith("grad attn.qkv") for k in gaps)
+        for what, gap in gaps.items():
+            assert gap < 1e-12, f"rank {rank}: {what} differs by {gap}"
+
+
+@pytest.mark.parametrize("name", list(LOCAL_VARIANTS))
+def test_local_model_runs_on_its_share_of_patches(per_rank, name):
+    cfg = LOCAL_VARIANTS[name]
+    K = cfg.num_patches
+    for rank, gaps in enumerate(r["local"][name] for r in per_rank):
+        halo = gaps.pop("halo")
+        assert halo == (0 if rank == 0 or not cfg.cross_patch else sum(s.layers for s in cfg.stages[1:]))
+        assert gaps.pop("patches_run") == K // 2 + halo
+        for what, gap in gaps.items():
+            assert gap < 1e-12, f"{name}, rank {rank}: {what} differs by {gap}"
