@@ -44,6 +44,9 @@ class TrainConfig:
     eval_bytes: int = 1 << 20
     save_interval: int = 0
     keep_last: int = 0  # 0 keeps every checkpoint
+    monitor: tuple[Literal["tensorboard", "csv", "wandb"], ...] = ()  # DeepSpeed monitors to switch on
+    monitor_dir: str = "runs/monitor"
+    peak_tflops: float = 0.0  # per device, for MFU; 0 measures the device's matmul peak
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys
 
 
@@ -59,7 +62,8 @@ class DataConfig:
 class ParallelConfig:
     pp: int = 1
     tp: int = 1
-    partition_method: str = "parameters"  # DeepSpeed PipelineModule partitioning
+    partition_method: str = "parameters"  # balance pipeline stages by: parameters, flops, uniform
+    timeout_s: float = 90.0  # a collective waiting longer fails, so no rank outlives a dead peer
 
 
 @dataclass(frozen=True)

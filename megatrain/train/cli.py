@@ -1,0 +1,72 @@
+"""The `launch/pretrain.py` command line: options of the contract on top of the YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+from typing import Sequence
+
+from megatrain.config import ConfigError, RunConfig, load_config
+from megatrain.parallel import LayoutError
+
+from .trainer import RunOptions, SetupError, Trainer
+
+EXIT_SETUP_ERROR = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pretrain.py", description="Pretrain MEGABYTE with DeepSpeed 3D parallelism.")
+    p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny.yaml")
+    p.add_argument("--data", help="directory of shards and manifest.json (overrides data.path)")
+    p.add_argument("--pp", type=int, help="pipeline stages (overrides parallel.pp)")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks (overrides parallel.tp); "
+                                          "data parallel = world size / (pp * tp)")
+    p.add_argument("--train-steps", type=int, help="total optimizer steps of the run, a resumed run included")
+    p.add_argument("--save", help="checkpoint directory (DeepSpeed layout)")
+    p.add_argument("--save-interval", type=int, help="checkpoint every N steps (overrides train.save_interval)")
+    p.add_argument("--load", help="resume from the latest checkpoint in this directory")
+    p.add_argument("--metrics", help="append one JSON object per optimizer step to this file (rank 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--seed", type=int, help="overrides train.seed")
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's info messages")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The YAML config with --set overrides, then the dedicated options on top."""
+    cfg = load_config(args.config, args.set)
+
+    def given(**values: object) -> dict[str, object]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    cfg = replace(cfg, data=replace(cfg.data, **given(path=args.data)),
+                  parallel=replace(cfg.parallel, **given(pp=args.pp, tp=args.tp)),
+                  train=replace(cfg.train, **given(train_steps=args.train_steps, seed=args.seed,
+                                                   save_interval=args.save_interval)))
+    if not cfg.data.path:
+        raise ConfigError(f"{args.config}: no training data: pass --data DIR or set data.path")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.verbose:
+        from deepspeed.utils import logger
+        logger.setLevel(logging.WARNING)
+    trainer = None
+    try:
+        cfg = resolve_config(args)
+        trainer = Trainer(cfg, RunOptions(metrics=args.metrics, save=args.save, load=args.load))
+        trainer.run()
+    except (ConfigError, LayoutError, SetupError) as e:
+        print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_SETUP_ERROR
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0

@@ -1,0 +1,108 @@
+"""Joining the job's process group, whichever launcher started this process.
+
+`deepspeed` and torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
+under `mpirun` DeepSpeed discovers them through mpi4py; under `srun` they come from
+SLURM's variables; a plain `python` process is a world of one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from deepspeed.accelerator import get_accelerator
+
+MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    launcher: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(env: dict[str, str]) -> str:
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return hosts[0]
+
+
+def discover_launcher(env: dict[str, str] | None = None) -> str:
+    """Which launcher started this process; fills in the torch.distributed variables
+    for srun and for a plain single process (MPI is left to DeepSpeed's discovery)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        return "deepspeed"
+    if any(v in env for v in MPI_VARIABLES):
+        return "mpi"
+    if "SLURM_STEP_NUM_TASKS" in env:  # set by srun for the tasks of a step, not by sbatch
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _first_slurm_host(env)
+        env.setdefault("MASTER_PORT", str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+        return "srun"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return "python"
+
+
+def build_cpu_comm_op() -> None:
+    """JIT-build DeepSpeed's shared-memory CPU comm op once per machine, under a file lock:
+    every rank of a first run building it at the same time can crash the run."""
+    if get_accelerator().device_name() != "cpu":
+        return
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    with open(Path(tempfile.gettempdir()) / "megatrain-shm-comm-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ShareMemCommBuilder().load(verbose=False)
+
+
+def _limit_cpu_threads() -> None:
+    """Share the cores among the local ranks unless the user chose (OMP_NUM_THREADS)."""
+    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = next((int(os.environ[v]) for v in LOCAL_SIZE_VARIABLES if v in os.environ), 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def init_distributed(timeout_s: float) -> World:
+    """Join the process group; any collective waiting longer than timeout_s fails (and the
+    rank exits) rather than hanging on a dead or stuck peer."""
+    launcher = discover_launcher()
+    build_cpu_comm_op()
+    _limit_cpu_threads()
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed creates its pipe, data and model groups without a timeout, and torch gives
+    # those its own default (30 min for gloo, 10 for NCCL), not the world's: make it ours.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(auto_mpi_discovery=launcher == "mpi", verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)),
+                               timeout=timeout)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(local_rank)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, launcher)

@@ -1,0 +1,38 @@
+"""The DeepSpeed config of a run, generated from its YAML config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatrain.config import RunConfig
+from megatrain.parallel import Layout
+
+MONITOR_KEYS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, section by section (extra wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    """ZeRO-1 over data parallelism, bf16 weights with fp32 gradient accumulation (or plain
+    fp32), gradient clipping and the DeepSpeed monitors; `train.deepspeed` is merged last."""
+    t = cfg.train
+    config: dict[str, Any] = {
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * layout.dp,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": 1},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # megatrain logs each step itself
+    }
+    if t.precision == "bf16":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    for name in t.monitor:
+        config[MONITOR_KEYS[name]] = {"enabled": True, "output_path": t.monitor_dir, "job_name": "megatrain"}
+    return merge(config, t.deepspeed)

@@ -1,0 +1,71 @@
+"""Per-step training metrics: the JSONL file of the contract, a console line, DeepSpeed's monitor."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """The device's dense matmul throughput in TFLOP/s, the peak that MFU is measured against."""
+    n = 512 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type != "cpu":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+class MetricsLog:
+    """What rank 0 reports after every optimizer step.
+
+    One JSON object per step appended to `path` (flushed, so a crash loses nothing),
+    a console line every `log_interval` steps, and the numbers to DeepSpeed's monitor
+    (TensorBoard / CSV / W&B) when the config switches one on.
+    """
+
+    CONSOLE = (("loss", "loss {:.4f}"), ("bpb", "bpb {:.4f}"), ("val_bpb", "val_bpb {:.4f}"),
+               ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("bytes_per_s", "{:,.0f} B/s"),
+               ("mfu", "mfu {:.2%}"))
+
+    def __init__(self, path: str | None, log_interval: int, total_steps: int, monitor: Any = None) -> None:
+        self.file = open(Path(path), "a") if path else None
+        self.log_interval = log_interval
+        self.total_steps = total_steps
+        self.monitor = monitor if monitor is not None and monitor.enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if step % max(1, self.log_interval) == 0 or step == self.total_steps or "val_bpb" in record:
+            fields = [fmt.format(record[key]) for key, fmt in self.CONSOLE if key in record]
+            print(f"step {step}/{self.total_steps} | " + " | ".join(fields), flush=True)
+        if self.monitor:
+            self.monitor.write_events([(f"Train/Samples/{key}", float(value), record["samples"])
+                                       for key, value in record.items()
+                                       if key not in ("step", "samples") and isinstance(value, (int, float))])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    return loss_nats / math.log(2)

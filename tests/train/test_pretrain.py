@@ -1,0 +1,137 @@
+"""`launch/pretrain.py` as real multi-process jobs (CPU, gloo, fp32).
+
+Every layout trains tiny.yaml on the same global batch of 4 sequences, so the
+losses of the first 4 steps must agree across layouts; together the runs also use
+every launcher of the contract (python, mpirun, srun, torchrun-style env, deepspeed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.config import load_config
+from megatrain.data import ByteStream
+from megatrain.model import bytes_loss
+from megatrain.parallel import reference_model
+
+from ..distributed import REPO, Job, launch
+
+TINY = REPO / "configs" / "tiny.yaml"
+STEPS = 4
+EVAL = ["--set", "train.eval_interval=2", "--set", "train.eval_bytes=16384"]
+
+
+def batch(micro: int, accum: int) -> list[str]:
+    return ["--set", f"train.micro_batch_size={micro}", "--set", f"train.grad_accum_steps={accum}"]
+
+
+# name: (launcher, ranks, options); the global batch is micro * accum * dp = 4 in all.
+LAYOUTS = {
+    "1 rank": ("python", 1, [*EVAL, "--save-interval", "2"]),
+    "dp=2": ("mpirun", 2, batch(2, 1)),
+    "pp=2": ("srun", 2, ["--pp", "2", *batch(2, 2)]),
+    "tp=2": ("env", 2, ["--tp", "2", *batch(2, 2)]),
+    "pp=2 x dp=2": ("deepspeed", 4, ["--pp", "2", *batch(1, 2), *EVAL, "--set", "train.activation_checkpointing=true",
+                                     "--set", "train.monitor=[csv]"]),
+    # the acceptance command of the training issue, unchanged
+    "pp=2 x tp=2": ("deepspeed", 4, ["--pp", "2", "--tp", "2", "--train-steps", "20"]),
+}
+
+
+class Run:
+    def __init__(self, job: Job, directory: Path) -> None:
+        assert job.returncode == 0, f"exit code {job.returncode}:\n{job.output[-6000:]}"
+        self.job, self.dir = job, directory
+        self.steps = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+    def losses(self, n: int = STEPS) -> list[float]:
+        return [r["loss"] for r in self.steps[:n]]
+
+
+def pretrain(name: str, launcher: str, ranks: int, options: list[str], shards: Path, directory: Path) -> Run:
+    directory.mkdir(parents=True, exist_ok=True)
+    args = ["--config", str(TINY), "--data", str(shards), "--train-steps", str(STEPS),
+            "--metrics", str(directory / "metrics.jsonl"), "--save", str(directory / "ckpt"),
+            "--set", f"train.monitor_dir={directory / 'monitor'}", *options]
+    return Run(launch(launcher, ranks, args, directory), directory)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, cpu_comm, tmp_path_factory):
+    """Each layout's finished run, launched on first use."""
+    done: dict[str, Run] = {}
+    base = tmp_path_factory.mktemp("runs")
+
+    def get(name: str) -> Run:
+        if name not in done:
+            done[name] = pretrain(name, *LAYOUTS[name], tiny_shards, base / name.replace(" ", ""))
+        return done[name]
+
+    return get
+
+
+def relative_gaps(a: list[float], b: list[float]) -> list[float]:
+    return [abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)]
+
+
+def test_one_rank_starts_from_the_reference_model(runs, tiny_shards):
+    cfg = load_config(TINY)
+    first = next(ByteStream(tiny_shards, "train", cfg.model.seq_len, global_batch_size=4, micro_batch_size=4,
+                            seed=cfg.train.seed)).long()
+    with torch.no_grad():
+        expected = bytes_loss(reference_model(cfg.model, cfg.train.seed)(first), first).item()
+    assert runs("1 rank").steps[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "1 rank"])
+def test_every_layout_gives_the_same_losses(runs, name):
+    one, other = runs("1 rank"), runs(name)
+    assert max(relative_gaps(one.losses(), other.losses())) < 1e-4
+    grads = [[r["grad_norm"] for r in run.steps[:STEPS]] for run in (one, other)]
+    assert max(relative_gaps(*grads)) < 1e-4
+
+
+def test_metrics_lines(runs):
+    steps = runs("1 rank").steps
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["samples"] for r in steps] == [4, 8, 12, 16]
+    for r in steps:
+        assert {"loss", "bpb", "lr", "bytes_per_s", "grad_norm", "tflops", "mfu"} <= r.keys()
+        assert r["bpb"] == pytest.approx(r["loss"] / math.log(2))
+        assert r["bytes_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert [r["lr"] for r in steps] == pytest.approx([3e-4, 6e-4, 9e-4, 1.2e-3])  # warmup 10, lr 3e-3
+
+
+def test_validation_bpb_is_the_same_on_any_layout(runs):
+    one, piped = runs("1 rank"), runs("pp=2 x dp=2")
+    vals = [[r.get("val_bpb") for r in run.steps] for run in (one, piped)]
+    assert vals[0][0] is None and vals[0][1] is not None and vals[0][3] is not None
+    assert max(relative_gaps([v for v in vals[0] if v], [v for v in vals[1] if v])) < 1e-5
+
+
+def test_deepspeed_monitor_writes_csv(runs):
+    run = runs("pp=2 x dp=2")
+    losses = run.dir / "monitor" / "megatrain" / "Train_Samples_loss.csv"
+    assert len(losses.read_text().splitlines()) == 1 + STEPS
+
+
+def test_acceptance_pp2_tp2_trains_with_falling_loss(runs):
+    steps = runs("pp=2 x tp=2").steps
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    losses = [r["loss"] for r in steps]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_resume_from_a_checkpoint_continues_the_run(runs, tiny_shards, tmp_path):
+    straight = runs("1 rank")
+    ckpt = straight.dir / "ckpt"
+    assert (ckpt / "global_step2").is_dir() and (ckpt / "global_step4").is_dir()
+    (ckpt / "latest").write_text("global_step2")
+    resumed = pretrain("resumed", "python", 1, ["--load", str(ckpt)], tiny_shards, tmp_path)
+    assert [r["step"] for r in resumed.steps] == [3, 4]
+    assert max(relative_gaps(straight.losses()[2:], resumed.losses())) < 1e-6

@@ -1,0 +1,43 @@
+"""Jobs that must fail fast and cleanly: a bad layout, a rank that dies or hangs mid-run."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from ..distributed import REPO, start_ranks, wait_ranks
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+DEADLINE_S = 120
+
+
+def test_bad_layout_exits_nonzero_on_every_rank_with_the_reason(tiny_shards, cpu_comm, tmp_path):
+    procs = start_ranks("env", 4, ["--config", TINY, "--data", str(tiny_shards), "--pp", "3"], tmp_path)
+    job = wait_ranks(procs, tmp_path, timeout=90)
+    assert job.rank_codes == [2, 2, 2, 2], job.output[-3000:]
+    assert job.output.count("pp * tp = 3 * 1 = 3 does not divide the world size 4") == 4
+
+
+@pytest.mark.parametrize("how, options", [
+    (signal.SIGKILL, []),  # peers see the broken connections
+    (signal.SIGSTOP, ["--set", "parallel.timeout_s=15"]),  # only the collective timeout can tell
+], ids=["killed", "hung"])
+def test_a_lost_rank_brings_every_rank_down(tiny_shards, cpu_comm, tmp_path, how, options):
+    metrics = tmp_path / "metrics.jsonl"
+    procs = start_ranks("env", 4, ["--config", TINY, "--data", str(tiny_shards), "--pp", "2", "--tp", "2",
+                                   "--train-steps", "100000", "--metrics", str(metrics), *options], tmp_path)
+    deadline = time.monotonic() + DEADLINE_S
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
+        time.sleep(0.2)
+    lost, others = procs[1], procs[:1] + procs[2:]  # a tensor-parallel peer on the first stage
+    lost.send_signal(how)
+    lost_at = time.monotonic()
+    job = wait_ranks(others, tmp_path, timeout=DEADLINE_S)
+    waited = time.monotonic() - lost_at
+    lost.kill()
+    lost.wait()
+    assert job.returncode != 124 and waited < DEADLINE_S, f"ranks still running {waited:.0f} s later"
+    assert all(code != 0 for code in job.rank_codes), job.rank_codes
