@@ -80,6 +80,7 @@ def expand_inputs(inputs: Sequence[str], exclude: Path | None = None) -> list[In
 
 
 def _listed(path: Path, source: str) -> InputFile:
+    source = source.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # Arrow strings are UTF-8
     try:
         stat = path.stat()
         return InputFile(str(path), source, stat.st_size, stat.st_mtime_ns)
@@ -103,8 +104,8 @@ def group_files(files: Sequence[InputFile], group_bytes: int, max_files: int) ->
 
 def _open(path: str) -> BinaryIO:
     """Open `path` for reading, decompressing .zst and .gz on the fly."""
-    if path.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    if path.endswith(".zst"):  # a file may hold several frames (e.g. written by pzstd)
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.conftest import MPIRUN, build, dataset_files, shard_docs, write_text_corpus
+from tests.data.helpers import MPIRUN, build, dataset_files, shard_docs, write_text_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = [sys.executable, "-m", "data_prep.build_shards"]

@@ -17,7 +17,7 @@ import zstandard
 from PIL import Image
 
 from data_prep.stages import choose_split
-from tests.data.conftest import build, dataset_files, shard_docs, write_text_corpus
+from tests.data.helpers import build, dataset_files, shard_docs, write_text_corpus
 
 
 def write_text_inputs(root: Path) -> dict[str, bytes]:
@@ -28,7 +28,8 @@ def write_text_inputs(root: Path) -> dict[str, bytes]:
     lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
     (root / "raw.bin").write_bytes(raw)
     (root / "notes.txt").write_bytes("a .txt file is one document\n".encode())
-    (root / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    frames = [zstandard.ZstdCompressor().compress(part) for part in (lines[:30], lines[30:])]
+    (root / "docs.jsonl.zst").write_bytes(b"".join(frames))  # two frames, as pzstd writes
     (root / "docs.jsonl").write_bytes(lines)
     (root / "packed.bin.gz").write_bytes(gzip.compress(raw[::-1]))
     (root / "empty.dat").write_bytes(b"")

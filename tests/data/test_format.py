@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from megatrain.data.format import FormatError, Manifest, ShardWriter, safe_relative_path
+from tests.data.helpers import copy_dataset, edit_manifest
 
 
 def test_batches_depend_only_on_the_document_sequence(tmp_path: Path) -> None:
@@ -38,19 +37,18 @@ def test_unsafe_shard_paths_are_rejected(name: str) -> None:
 def test_manifest_round_trip_and_damage(dataset: Path, tmp_path: Path) -> None:
     manifest = Manifest.load(dataset)
     assert manifest.split_shards("train") and manifest.split_shards("val")
-    copy = tmp_path / "copy"
-    shutil.copytree(dataset, copy)
+    copy = copy_dataset(dataset, tmp_path)
     manifest.save(copy)
     assert Manifest.load(copy) == manifest
 
-    raw = json.loads((copy / "manifest.json").read_text())
-    raw["shards"][0]["docs"] += 1  # counts no longer add up
-    (copy / "manifest.json").write_text(json.dumps(raw))
+    def add_a_doc(raw: dict) -> None:
+        raw["shards"][0]["docs"] += 1
+
+    edit_manifest(copy, add_a_doc)
     with pytest.raises(FormatError, match="do not add up"):
         Manifest.load(copy)
 
-    raw = json.loads((dataset / "manifest.json").read_text())
-    raw["shards"] = raw["shards"][1:]  # the fingerprint no longer matches
-    (copy / "manifest.json").write_text(json.dumps(raw))
+    manifest.save(copy)
+    edit_manifest(copy, lambda raw: raw["shards"].pop(0))  # the fingerprint no longer matches
     with pytest.raises(FormatError, match="fingerprint"):
         Manifest.load(copy)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 import torch
 
 from megatrain.data import ByteStream, read_split, sequential_windows
-from megatrain.data.format import FormatError
-from tests.data.conftest import shard_docs, split_stream
+from megatrain.data.format import FormatError, Manifest
+from tests.data.helpers import copy_dataset, edit_manifest, shard_docs, shard_files, split_stream
 
 SEQ = 512
 # Small shuffle blocks, so that the test corpus has dozens of blocks across its shards.
@@ -56,8 +55,8 @@ def test_order_is_a_pure_function_shuffled_across_shards(dataset: Path) -> None:
     assert np.array_equal(a.global_order(1, 10, 20), b.global_order(1)[10:20])
     assert not np.array_equal(a.global_order(0), a.global_order(1))
     assert not np.array_equal(a.global_order(0), stream_of(dataset, seed=6).global_order(0))
-    # Windows 0..n of the stream lie in shard k where the shards' cumulative sizes say so.
-    sizes = [s["bytes"] for s in json.loads((dataset / "manifest.json").read_text())["shards"] if s["split"] == "train"]
+    # The shard of a window: where its start falls among the train shards' cumulative sizes.
+    sizes = [s.bytes for s in Manifest.load(dataset).split_shards("train")]
     shard_of_window = np.searchsorted(np.cumsum(sizes), a.global_order(0)[:24] * SEQ, side="right")
     assert len(set(shard_of_window.tolist())) >= 3
 
@@ -144,19 +143,13 @@ def test_threads_stop_on_close_and_when_abandoned(dataset: Path) -> None:
     assert threading.active_count() == before
 
 
-def damaged_copy(dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
-    copy = tmp_path / "copy"
-    shutil.copytree(dataset, copy)
-    shard = copy / json.loads((copy / "manifest.json").read_text())["shards"][1]["file"]
-    return copy, shard
-
-
 def run_epoch(loader: ByteStream) -> list[torch.Tensor]:
     return take_steps(loader, loader.steps_per_epoch)
 
 
 def test_truncated_shard_is_named_or_skipped(dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    copy, shard = damaged_copy(dataset, tmp_path)
+    copy = copy_dataset(dataset, tmp_path)
+    shard = copy / shard_files(copy)[1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with stream_of(copy) as loader, pytest.raises(RuntimeError, match=f"corrupt shard .*{shard.name}"):
         run_epoch(loader)
@@ -167,18 +160,16 @@ def test_truncated_shard_is_named_or_skipped(dataset: Path, tmp_path: Path, capl
 
 
 def test_shard_that_disagrees_with_the_manifest_is_named(dataset: Path, tmp_path: Path) -> None:
-    copy, shard = damaged_copy(dataset, tmp_path)
-    other = copy / json.loads((copy / "manifest.json").read_text())["shards"][2]["file"]
+    copy = copy_dataset(dataset, tmp_path)
+    shard, other = (copy / name for name in shard_files(copy)[1:3])
     shutil.copyfile(other, shard)  # a valid shard, but not the one the manifest describes
     with stream_of(copy) as loader, pytest.raises(RuntimeError, match=f"{shard.name}: record batch \\d+ has .* manifest says"):
         run_epoch(loader)
 
 
 def test_manifest_pointing_outside_the_directory_is_refused(dataset: Path, tmp_path: Path) -> None:
-    copy, _ = damaged_copy(dataset, tmp_path)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["shards"][0]["file"] = "../" + manifest["shards"][0]["file"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_dataset(dataset, tmp_path)
+    edit_manifest(copy, lambda raw: raw["shards"][0].update(file="../" + raw["shards"][0]["file"]))
     with pytest.raises(FormatError, match="unsafe shard path"):
         stream_of(copy)
 

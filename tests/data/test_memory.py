@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from megatrain.data import ByteStream
-from tests.data.conftest import build
+from tests.data.helpers import build
 
 MIB = 1 << 20
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.data.helpers import copy_dataset, edit_manifest, shard_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,9 +36,8 @@ def test_good_dataset_passes(dataset: Path) -> None:
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate])
 def test_each_damaged_shard_is_named(dataset: Path, tmp_path: Path, damage) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(dataset, copy)
-    shards = [s["file"] for s in json.loads((copy / "manifest.json").read_text())["shards"]]
+    copy = copy_dataset(dataset, tmp_path)
+    shards = shard_files(copy)
     for name in (shards[0], shards[-1]):
         damage(copy / name)
     result = verify(copy)
@@ -49,10 +48,7 @@ def test_each_damaged_shard_is_named(dataset: Path, tmp_path: Path, damage) -> N
 
 
 def test_manifest_pointing_outside_the_directory_fails(dataset: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(dataset, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["shards"][0]["file"] = "../../etc/passwd"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = copy_dataset(dataset, tmp_path)
+    edit_manifest(copy, lambda raw: raw["shards"][0].update(file="../../etc/passwd"))
     result = verify(copy)
     assert result.returncode == 1 and "unsafe shard path '../../etc/passwd'" in result.stderr
