@@ -38,11 +38,13 @@ class ByteStream:
 
     Batches are prepared in the background: `workers` threads read the next shuffle
     groups (block_bytes and group_blocks set the shuffle; see `megatrain.data.order`)
-    while a prefetch thread keeps up to `prefetch` micro-batches ready. Memory is
-    bounded, whatever the corpus size, by about (workers + 3) group buffers of
-    group_blocks * block_bytes / dp_size bytes, two or three decoded record batches per
-    worker, and the prefetched micro-batches. Call `close()` (or use `with`) to stop
-    the threads; an abandoned ByteStream stops them when it is collected.
+    while a prefetch thread keeps up to `prefetch` micro-batches ready. One worker
+    delivers over 80% of the rate of `zstd -d` (docs/PERFORMANCE.md); more help only
+    where cores are idle. Memory is bounded, whatever the corpus size, by about
+    (workers + 3) group buffers of group_blocks * block_bytes / dp_size bytes, two or
+    three decoded record batches per worker, and the prefetched micro-batches. Call
+    `close()` (or use `with`) to stop the threads; an abandoned ByteStream stops them
+    when it is collected.
 
     `on_corrupt="error"` raises CorruptShardError naming the shard; `"skip"` logs a
     warning and replaces the affected windows with other windows of the same group.
@@ -63,7 +65,7 @@ class ByteStream:
         prefetch: int = 4,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         group_blocks: int = DEFAULT_GROUP_BLOCKS,
-        workers: int = 2,
+        workers: int = 1,
     ):
         if min(seq_len, micro_batch_size, dp_size, global_batch_size, workers) < 1 or seed < 0:
             raise ValueError("seq_len, batch sizes, dp_size and workers must be positive, seed non-negative")
