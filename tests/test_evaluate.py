@@ -1,4 +1,7 @@
+import json
 import math
+import subprocess
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -7,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from megatrain.data import read_split
 from megatrain.evaluate import bits_per_byte, plan_windows
 from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
+from megatrain.reference import save_reference
+
+from .distributed import tiny_shards  # noqa: F401  (session fixture)
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
@@ -96,3 +103,36 @@ def test_strided_takes_each_byte_from_the_pass_where_it_opens_a_half_patch(train
     total = sum(a[i] if i % 8 < 4 else b[i] for i in range(len(x)))
     result = bits_per_byte(model, data, 128, 8, strided=True)
     assert result["bpb"] == pytest.approx(total / len(x) / math.log(2), rel=1e-6)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatrain.evaluate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_scores_a_split_of_real_shards(trained, tiny_shards, tmp_path):
+    model, _ = trained
+    save_reference(model, tmp_path / "model.pt")
+    for extra in ([], ["--strided", "--sliding", "64"]):
+        result = run_cli("--load", str(tmp_path / "model.pt"), "--data", str(tiny_shards), "--max-bytes", "5000",
+                         *extra)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        data = read_split(tiny_shards, "val", 5000)
+        expected = bits_per_byte(model, data, 128, 8, strided=bool(extra), sliding=64 if extra else None)
+        assert report["bytes"] == 5000 and report["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--max-bytes", "0"], "--max-bytes must be positive"),
+    (["--split", "nope"], "nope"),
+])
+def test_cli_bad_input(trained, tiny_shards, tmp_path, args, needle):
+    save_reference(trained[0], tmp_path / "model.pt")
+    result = run_cli("--load", str(tmp_path / "model.pt"), "--data", str(tiny_shards), *args)
+    assert result.returncode != 0 and needle in result.stderr
+
+
+def test_cli_missing_checkpoint(tiny_shards, tmp_path):
+    result = run_cli("--load", str(tmp_path / "none.pt"), "--data", str(tiny_shards))
+    assert result.returncode != 0 and "none.pt: no such checkpoint" in result.stderr
