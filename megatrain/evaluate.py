@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatrain.reference import load_reference
 
     parser = argparse.ArgumentParser(prog="python -m megatrain.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--load", required=True, help="model file written by megatrain.checkpoint export")
+    parser.add_argument("--load", required=True, help="a training checkpoint (any layout) or an exported .pt")
     parser.add_argument("--data", required=True, help="directory of shards and manifest.json")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max-bytes", type=int, default=None, help="score the first N bytes of the split")

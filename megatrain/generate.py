@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatrain.reference import load_reference
 
     parser = argparse.ArgumentParser(prog="python -m megatrain.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--load", required=True, help="model file written by megatrain.checkpoint export")
+    parser.add_argument("--load", required=True, help="a training checkpoint (any layout) or an exported .pt")
     parser.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
     parser.add_argument("--max-bytes", type=int, required=True)
     parser.add_argument("--temperature", type=float, default=1.0)

@@ -20,13 +20,14 @@ def save_reference(model: Megabyte, path: str | Path) -> None:
 
 
 def load_reference(path: str | Path, device: str | torch.device = "cpu") -> Megabyte:
-    """Load an exported model file (see megatrain.checkpoint export)."""
+    """Load an exported model file, or a training checkpoint directory of any layout."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a training checkpoint directory; export it with "
-                                f"`python -m megatrain.checkpoint export {path} OUT.pt` and load OUT.pt")
+        from megatrain.checkpoint import load_model
+
+        return load_model(path).to(device)
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or not {"config", "model"} <= blob.keys():
         raise ConfigError(f"{path}: not a megatrain model file (needs 'config' and 'model')")

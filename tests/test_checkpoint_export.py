@@ -1,0 +1,58 @@
+"""Export of a pp=2 x tp=2 training checkpoint into the reference model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatrain.checkpoint import CheckpointError, load_model, resolve_tag
+from megatrain.data import read_split
+from megatrain.evaluate import bits_per_byte
+from megatrain.reference import load_reference
+
+from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
+
+SEQ, WINDOWS = 256, 8  # tiny.yaml's seq_len; the validation bytes are WINDOWS whole windows
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tiny_shards, cpu_comm, tmp_path_factory):
+    """3 steps of tiny.yaml on pp=2 x tp=2, validated and saved at the end."""
+    out = tmp_path_factory.mktemp("export")
+    args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(tiny_shards), "--pp", "2", "--tp", "2",
+            "--train-steps", "3", "--save", str(out / "ckpt"), "--metrics", str(out / "metrics.jsonl"),
+            "--set", "train.eval_interval=3", "--set", f"train.eval_bytes={SEQ * WINDOWS}"]
+    job = launch("deepspeed", 4, args, out)
+    assert job.returncode == 0, job.output[-5000:]
+    return out
+
+
+def test_export_gives_the_parallel_models_validation_bits_per_byte(parallel_run, tiny_shards):
+    result = subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", str(parallel_run / "ckpt"),
+                             str(parallel_run / "model.pt")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = load_reference(parallel_run / "model.pt")
+    last = json.loads((parallel_run / "metrics.jsonl").read_text().splitlines()[-1])
+    reference = bits_per_byte(model, read_split(tiny_shards, "val", SEQ * WINDOWS), SEQ, 8)
+    assert reference["bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    # the directory loads directly too, to the same weights
+    direct = load_model(parallel_run / "ckpt")
+    for (name, a), b in zip(model.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_export_bad_input(parallel_run, tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_tag(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
+        resolve_tag(tmp_path)
+    (tmp_path / "latest").write_text("global_step9")
+    with pytest.raises(CheckpointError, match="names global_step9, which holds no complete checkpoint"):
+        resolve_tag(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", str(tmp_path / "none"),
+                             str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "none: no such checkpoint directory" in result.stderr
