@@ -48,6 +48,9 @@ class ByteStream:
 
     `on_corrupt="error"` raises CorruptShardError naming the shard; `"skip"` logs a
     warning and replaces the affected windows with other windows of the same group.
+    Reads catch what breaks decoding or the manifest's counts (truncation, damaged
+    metadata or frames); a flipped bit inside compressed data can decode silently,
+    as Arrow's zstd frames carry no checksum: `python -m data_prep.verify` checks sha256.
     """
 
     def __init__(
