@@ -9,13 +9,14 @@
 
 from .cost import LayerCost, layer_costs, model_flops_per_byte
 from .layout import Layout, LayoutError, layout_problems, plan_layout
-from .patch_parallel import PatchParallelLoss, PatchShare, SplitPatches, patch_share
+from .patch_parallel import (LocalRandomStream, PatchParallelLoss, PatchShare, SplitPatches, patch_share,
+                             run_on_share)
 from .pipeline import MegabytePipeline, build_layer, first_local_layer, pipeline_parts, reference_model
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_block
 
 __all__ = [
     "LayerCost", "layer_costs", "model_flops_per_byte", "Layout", "LayoutError", "layout_problems",
-    "plan_layout", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share", "MegabytePipeline",
-    "build_layer", "first_local_layer", "pipeline_parts", "reference_model", "ColumnParallelLinear",
-    "RowParallelLinear", "shard_block",
+    "plan_layout", "LocalRandomStream", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
+    "run_on_share", "MegabytePipeline", "build_layer", "first_local_layer", "pipeline_parts", "reference_model",
+    "ColumnParallelLinear", "RowParallelLinear", "shard_block",
 ]

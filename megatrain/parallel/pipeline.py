@@ -24,7 +24,7 @@ from megatrain.model import Megabyte, MegabyteConfig, layer_specs, tie_local_emb
 
 from .cost import layer_costs
 from .layout import Layout
-from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
+from .patch_parallel import LocalRandomStream, PatchParallelLoss, patch_share, run_on_share
 from .tensor_parallel import shard_block
 
 
@@ -88,12 +88,13 @@ class MegabytePipeline(PipelineModule):
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
                  partition_method: str = "parameters", activation_checkpoint_interval: int = 0) -> None:
-        self.config = cfg
+        self.config, self.seed = cfg, seed
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          checkpointable_layers=["StageBlock"])
         self._local_params: list[nn.Parameter] = []
+        self.local_stream: LocalRandomStream | None = None  # the local model's dropout stream (tp > 1)
         if self.stage_id == self.num_stages - 1:
             self._set_up_local_model()
 
@@ -127,7 +128,7 @@ class MegabytePipeline(PipelineModule):
         share = patch_share(self.config, self._grid.get_slice_parallel_rank(), self.tp_size)
         self.loss_fn = PatchParallelLoss(share, self.tp_group)
         if self.tp_size > 1:
-            local[0].register_forward_pre_hook(SplitPatches(share, self.tp_group))
+            self.local_stream = run_on_share(local, share, self.tp_group, self.seed)
             self._local_params = list(nn.ModuleList(local).parameters())
 
     def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, object]]:

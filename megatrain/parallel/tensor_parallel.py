@@ -63,27 +63,31 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:
     param.partition_dim = partition_dim
 
 
-class ColumnParallelLinear(nn.Linear):
-    """y_rank = x W_rank^T with W_rank this rank's rows of W; x is replicated over the group."""
+class _ShardedLinear(nn.Linear):
+    """A bias-free linear holding this rank's shard of a dense weight."""
+
+    partition_dim: int  # 0: a slice of the rows (output features), 1: of the columns (inputs)
 
     def __init__(self, weight: torch.Tensor, group: dist.ProcessGroup) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
         self.weight = nn.Parameter(weight)
-        mark_tensor_parallel(self.weight, partition_dim=0)
+        mark_tensor_parallel(self.weight, self.partition_dim)
         self.group = group
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """y_rank = x W_rank^T with W_rank this rank's rows of W; x is replicated over the group."""
+
+    partition_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_group(x, self.group), self.weight)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(_ShardedLinear):
     """y = sum over ranks of x_rank W_rank^T, with W_rank this rank's columns of W."""
 
-    def __init__(self, weight: torch.Tensor, group: dist.ProcessGroup) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.weight = nn.Parameter(weight)
-        mark_tensor_parallel(self.weight, partition_dim=1)
-        self.group = group
+    partition_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum_over_group(F.linear(x, self.weight), self.group)

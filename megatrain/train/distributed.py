@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
 DEFAULT_PORT = 29500
+STALE_BUILD_LOCK_S = 300  # a build takes well under a minute
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,25 @@ def discover_launcher(env: dict[str, str] | None = None) -> str:
 
 
 def build_cpu_comm_op() -> None:
-    """JIT-build DeepSpeed's shared-memory CPU comm op once per machine, under a file lock:
-    every rank of a first run building it at the same time can crash the run."""
+    """JIT-build (or load) DeepSpeed's shared-memory CPU comm op one process at a time:
+    every rank of a first run building it at once can crash the run.
+
+    torch's JIT loader also guards every load with a lock file in the build directory,
+    and waits forever on one that a process killed while loading left behind; holding
+    our lock, such an old file can only be stale, so it is removed.
+    """
     if get_accelerator().device_name() != "cpu":
         return
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from torch.utils.cpp_extension import _get_build_directory
 
+    builder = ShareMemCommBuilder()
     with open(Path(tempfile.gettempdir()) / "megatrain-shm-comm-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        ShareMemCommBuilder().load(verbose=False)
+        torch_lock = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
+        if torch_lock.exists() and time.time() - torch_lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+            torch_lock.unlink(missing_ok=True)
+        builder.load(verbose=False)
 
 
 def _limit_cpu_threads() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from megatrain.model import (MegabyteConfig, StageConfig, StageInput, bytes_loss, layer_specs,
                              tie_local_embedding)
 from megatrain.parallel import (ColumnParallelLinear, PatchParallelLoss, RowParallelLinear, SplitPatches,
-                                build_layer, first_local_layer, patch_share, shard_block)
+                                build_layer, first_local_layer, patch_share, run_on_share, shard_block)
 from megatrain.parallel.tensor_parallel import column_shard, row_shard
 
 from ..distributed import run_ranks
@@ -105,8 +105,33 @@ def patch_parallel_local_model(rank: int, size: int, name: str) -> dict[str, flo
     return gaps
 
 
+def random_streams(rank: int, size: int) -> dict[str, bool]:
+    """With dropout and a halo on one rank only, does the outer (global model's) random stream
+    stay identical over the group, with and without the local model's own stream?"""
+    cfg, group = replace(LOCAL_VARIANTS["cross_patch"], dropout=0.5), dist.group.WORLD
+    torch.manual_seed(0)
+    h = torch.randn(2, 1, cfg.num_patches, cfg.global_dim, dtype=torch.float64)
+    x = torch.randint(0, 256, (2, cfg.seq_len))
+    out = {}
+    for own_stream in (False, True):
+        layers, share = local_layers(cfg).train(), patch_share(cfg, rank, size)
+        if own_stream:
+            stream = run_on_share(layers, share, group, SEED)
+        else:
+            layers[0].register_forward_pre_hook(SplitPatches(share, group))
+        torch.manual_seed(1)
+        run_local(layers, h, x)
+        states = [None] * size
+        dist.all_gather_object(states, torch.get_rng_state())
+        out[f"outer stream in sync, own stream {own_stream}"] = all(torch.equal(s, states[0]) for s in states)
+        if own_stream:
+            dist.all_gather_object(states, stream.state)
+            out["local streams differ"] = not torch.equal(states[0], states[1])
+    return out
+
+
 def all_checks(rank: int, size: int) -> dict:
-    return {"tp": tensor_parallel_block(rank, size),
+    return {"tp": tensor_parallel_block(rank, size), "rng": random_streams(rank, size),
             "local": {name: patch_parallel_local_model(rank, size, name) for name in LOCAL_VARIANTS}}
 
 
@@ -122,6 +147,12 @@ def test_tensor_parallel_block_equals_dense(per_rank):
         assert any(k.startswith("grad attn.qkv") for k in gaps)
         for what, gap in gaps.items():
             assert gap < 1e-12, f"rank {rank}: {what} differs by {gap}"
+
+
+def test_local_dropout_keeps_the_global_random_stream_in_sync(per_rank):
+    for checks in (r["rng"] for r in per_rank):
+        assert checks == {"outer stream in sync, own stream False": False,  # the halo drew more
+                          "outer stream in sync, own stream True": True, "local streams differ": True}
 
 
 @pytest.mark.parametrize("name", list(LOCAL_VARIANTS))
