@@ -181,7 +181,7 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> 
     return Job(max(codes, key=abs), output, time.monotonic() - start, codes)
 
 
-def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 240) -> Job:
+def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 300) -> Job:
     """Run `launch/pretrain.py args` on `nprocs` ranks started by `launcher`:
     deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
     if launcher in ("srun", "env"):

@@ -172,7 +172,7 @@ class Trainer:
     def run(self) -> None:
         """Train up to train.train_steps optimizer steps (counting those of a resumed run)."""
         t, save = self.cfg.train, self.options.save
-        saved = -1
+        saved = self.engine.global_steps  # nothing new to save before the first step
         while self.engine.global_steps < t.train_steps:
             record = self.train_step()
             step = record["step"]

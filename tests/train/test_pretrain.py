@@ -35,7 +35,7 @@ LAYOUTS = {
     "1 rank": ("python", 1, [*EVAL, "--save-interval", "2"]),
     "dp=2": ("mpirun", 2, batch(2, 1)),
     "pp=2": ("srun", 2, ["--pp", "2", *batch(2, 2)]),
-    "tp=2": ("env", 2, ["--tp", "2", *batch(2, 2)]),
+    "tp=2": ("env", 2, ["--tp", "2", *batch(2, 2), *EVAL]),
     "pp=2 x dp=2": ("deepspeed", 4, ["--pp", "2", *batch(1, 2), *EVAL, "--set", "train.activation_checkpointing=true",
                                      "--set", "train.monitor=[csv]"]),
     # the acceptance command of the training issue, unchanged
@@ -107,9 +107,10 @@ def test_metrics_lines(runs):
     assert [r["lr"] for r in steps] == pytest.approx([3e-4, 6e-4, 9e-4, 1.2e-3])  # warmup 10, lr 3e-3
 
 
-def test_validation_bpb_is_the_same_on_any_layout(runs):
-    one, piped = runs("1 rank"), runs("pp=2 x dp=2")
-    vals = [[r.get("val_bpb") for r in run.steps] for run in (one, piped)]
+@pytest.mark.parametrize("name", ["pp=2 x dp=2", "tp=2"])
+def test_validation_bpb_is_the_same_on_any_layout(runs, name):
+    one, other = runs("1 rank"), runs(name)
+    vals = [[r.get("val_bpb") for r in run.steps] for run in (one, other)]
     assert vals[0][0] is None and vals[0][1] is not None and vals[0][3] is not None
     assert max(relative_gaps([v for v in vals[0] if v], [v for v in vals[1] if v])) < 1e-5
 
