@@ -44,10 +44,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def cpu_comm() -> None:
-    """Build DeepSpeed's CPU comm op here, once, before any rank of any test needs it."""
-    os.environ.update(CPU_ENV)
-    from megatrain.train.distributed import build_cpu_comm_op
-    build_cpu_comm_op()
+    """Build DeepSpeed's CPU comm op once, before any rank of any test needs it (in a
+    process of its own: this one's accelerator is left alone)."""
+    subprocess.run([sys.executable, "-c", "from megatrain.train.distributed import build_cpu_comm_op; "
+                    "build_cpu_comm_op()"], env={**os.environ, **CPU_ENV}, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """`launch/pretrain.py` as real multi-process jobs (CPU, gloo, fp32).
 
 Every layout trains tiny.yaml on the same global batch of 4 sequences, so the
-losses of the first 4 steps must agree across layouts; together the runs also use
-every launcher of the contract (python, mpirun, srun, torchrun-style env, deepspeed).
+losses of the first 4 steps must agree across layouts; together the runs also start
+ranks every way the contract names: plain python, mpirun, the deepspeed launcher,
+srun's environment and a torchrun-style one (real srun and --hostfile runs are in
+tests/cluster).
 """
 
 from __future__ import annotations
