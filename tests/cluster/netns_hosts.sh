@@ -133,6 +133,8 @@ stop() {
             ip netns pids "$host" | xargs -r kill -9 2>/dev/null || true
             ip netns del "$host"
         fi
+        # Deleting a namespace does not always take its veth pair along (gVisor keeps it).
+        if ip link show "veth-$host" >/dev/null 2>&1; then ip link del "veth-$host"; fi
         rm -rf "/etc/netns/$host"
     done
     rmdir --ignore-fail-on-non-empty /etc/netns 2>/dev/null || true
