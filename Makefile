@@ -20,5 +20,11 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests
 
+# Shards the standard library's sources, pretrains with DeepSpeed on 2 ranks (pp = 2),
+# evaluates, generates and plots the loss curve into runs/demo/.
+demo: install
+	$(PIP) install -e ".[plot]"
+	$(PY) -m megatrain.demo
+
 clean:
 	rm -rf $(VENV) build *.egg-info
