@@ -13,7 +13,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["tiny", "megabyte-text-1b", "megabyte-1m"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "megabyte-text-1b", "megabyte-1m", "megabyte-imagenet64", "megabyte-audio"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.model.seq_len % cfg.model.patch_size == 0
