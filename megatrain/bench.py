@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -123,6 +124,24 @@ def generation_speed(cfg: MegabyteConfig, n_bytes: int, device: torch.device,
             "plain_transformer_bytes_per_s": plain_speed, "gen_vs_plain_transformer": cached / plain_speed}
 
 
+def scaling(device: torch.device, dtype: torch.dtype, global_dim: int = 256,
+            contexts: tuple[int, ...] = (8192, 32768, 131072, 524288, 1048576)) -> list[dict]:
+    """Training cost per byte as the context grows, at P close to T^(1/3) (Section 3).
+
+    Widths stay fixed, so the change comes from attention: O(T^2 / P^2 + T * P).
+    """
+    rows = []
+    for seq_len in contexts:
+        patch = 2 ** round(math.log2(seq_len ** (1 / 3)))
+        cfg = MegabyteConfig(seq_len=seq_len, patch_size=patch, global_dim=global_dim, global_layers=2,
+                             global_heads=global_dim // 64, local_dim=64, local_layers=2, local_heads=1,
+                             dropout=0.0)
+        speed = train_throughput(cfg, batch_size=1, steps=1, device=device, dtype=dtype)
+        rows.append({"seq_len": seq_len, "patch_size": patch, "bytes_per_s": speed,
+                     "us_per_byte": 1e6 / speed, "model_flops_per_byte": model_flops_per_byte(cfg)})
+    return rows
+
+
 def run_benchmark(config: str, steps: int, gen_bytes: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -147,14 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / f"{default}.yaml"))
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--gen-bytes", type=int, default=8192, help="bytes to generate (at most seq_len)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also measure the cost per byte from 8K to 1M bytes of context")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     result = run_benchmark(args.config, args.steps, args.gen_bytes)
+    if args.scaling:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result["scaling"] = scaling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
+            if key == "scaling":
+                for row in value:
+                    print(f"{'scaling':>32}: T={row['seq_len']:>8,} P={row['patch_size']:>3} "
+                          f"{row['us_per_byte']:8.2f} us/byte {row['model_flops_per_byte'] / 1e6:8.2f} MFLOP/byte")
+            else:
+                print(f"{key:>32}: {value:.4g}" if isinstance(value, float) else f"{key:>32}: {value}")
     return 0
 
 
