@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from deepspeed.accelerator import get_accelerator
+from torch import nn
 
 from megatrain.model import VOCAB_SIZE, MegabyteConfig
 

@@ -35,22 +35,26 @@ class MetricsLog:
     """What rank 0 reports after every optimizer step.
 
     One JSON object per step appended to `path` (flushed, so a crash loses nothing),
-    a console line every `log_interval` steps, and the numbers to DeepSpeed's monitor
-    (TensorBoard / CSV / W&B) when the config switches one on.
+    with the model TFLOP/s per device and MFU added (against `peak_tflops`); a console
+    line every `log_interval` steps; the numbers to DeepSpeed's monitor (TensorBoard /
+    CSV / W&B) when the config switches one on.
     """
 
     CONSOLE = (("loss", "loss {:.4f}"), ("bpb", "bpb {:.4f}"), ("val_bpb", "val_bpb {:.4f}"),
                ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("bytes_per_s", "{:,.0f} B/s"),
                ("mfu", "mfu {:.2%}"))
 
-    def __init__(self, path: str | None, log_interval: int, total_steps: int, monitor: Any = None) -> None:
+    def __init__(self, path: str | None, log_interval: int, total_steps: int, flops_per_byte_per_device: float,
+                 peak_tflops: float, monitor: Any = None) -> None:
         self.file = open(Path(path), "a") if path else None
-        self.log_interval = log_interval
-        self.total_steps = total_steps
+        self.log_interval, self.total_steps = log_interval, total_steps
+        self.flops_per_byte_per_device, self.peak_tflops = flops_per_byte_per_device, peak_tflops
         self.monitor = monitor if monitor is not None and monitor.enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
+        tflops = self.flops_per_byte_per_device * record["bytes_per_s"] / 1e12
+        record = {**record, "tflops": tflops, "mfu": tflops / self.peak_tflops}
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

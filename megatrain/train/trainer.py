@@ -94,13 +94,17 @@ class Trainer:
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
         if options.load:
             self.load(options.load)
-        self.flops_per_byte = model_flops_per_byte(cfg.model)
-        self.metrics = None
-        if self.world.rank == 0:
-            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-            self.peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(self.engine.device, dtype)
-            self.metrics = MetricsLog(options.metrics, cfg.train.log_interval, cfg.train.train_steps,
-                                      self.engine.monitor)
+        self.metrics = on_every_rank("--metrics", self._open_metrics)
+
+    def _open_metrics(self) -> MetricsLog | None:
+        """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own."""
+        if self.world.rank != 0:
+            return None
+        t = self.cfg.train
+        peak = t.peak_tflops or measure_matmul_tflops(
+            self.engine.device, torch.bfloat16 if t.precision == "bf16" else torch.float32)
+        return MetricsLog(self.options.metrics, t.log_interval, t.train_steps,
+                          model_flops_per_byte(self.cfg.model) / self.world.size, peak, self.engine.monitor)
 
     def _open_train_data(self) -> ByteStream | None:
         if not self.reads_data:
@@ -158,9 +162,6 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if self.metrics:
-            tflops = self.flops_per_byte * bytes_per_s / self.world.size / 1e12
-            record.update(tflops=tflops, mfu=tflops / self.peak_tflops)
         return record
 
     def evaluate(self) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Jobs that must fail fast and cleanly: a bad layout, a rank that dies or hangs mid-run."""
+"""Jobs that must fail fast and cleanly: bad setup, a rank that dies or hangs mid-run."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 DEADLINE_S = 120
 
 
-def test_bad_layout_exits_nonzero_on_every_rank_with_the_reason(tiny_shards, cpu_comm, tmp_path):
-    procs = start_ranks("env", 4, ["--config", TINY, "--data", str(tiny_shards), "--pp", "3"], tmp_path)
+@pytest.mark.parametrize("ranks, options, reason", [
+    (4, ["--pp", "3"], "pp * tp = 3 * 1 = 3 does not divide the world size 4"),
+    # only the first and last stage read data: the middle one must hear of it too
+    (3, ["--pp", "3", "--data", "/nonexistent"], "training data: "),
+], ids=["layout", "data"])
+def test_setup_errors_exit_nonzero_on_every_rank_with_the_reason(tiny_shards, cpu_comm, tmp_path, ranks,
+                                                                 options, reason):
+    procs = start_ranks("env", ranks, ["--config", TINY, "--data", str(tiny_shards), *options], tmp_path)
     job = wait_ranks(procs, tmp_path, timeout=90)
-    assert job.rank_codes == [2, 2, 2, 2], job.output[-3000:]
-    assert job.output.count("pp * tp = 3 * 1 = 3 does not divide the world size 4") == 4
+    assert job.rank_codes == [2] * ranks, job.output[-3000:]
+    assert job.output.count(reason) == ranks
 
 
 @pytest.mark.parametrize("how, options", [
