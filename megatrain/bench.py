@@ -142,16 +142,16 @@ def scaling(device: torch.device, dtype: torch.dtype, global_dim: int = 256,
     return rows
 
 
-def run_benchmark(config: str, steps: int, gen_bytes: int) -> dict:
+def run_benchmark(config: str, steps: int, gen_bytes: int, overrides: tuple[str, ...] = ()) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    run = load_config(config)
+    run = load_config(config, overrides)
     cfg, train_cfg = run.model, run.train
     peak = measure_matmul_tflops(device, dtype, seconds=1.0)
     throughput = train_throughput(cfg, train_cfg.micro_batch_size, steps, device, dtype)
     tflops = throughput * model_flops_per_byte(cfg) / 1e12
     result = {
-        "config": config, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "config": config, "overrides": list(overrides), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "micro_batch_size": train_cfg.micro_batch_size,
         "train_bytes_per_s": throughput, "model_tflops": tflops, "matmul_peak_tflops": peak,
         "mfu": tflops / peak, "peak_memory_gib": peak_memory_bytes(device) / 2**30,
@@ -166,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / f"{default}.yaml"))
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--gen-bytes", type=int, default=8192, help="bytes to generate (at most seq_len)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. model.global_layers=2 (repeatable)")
     parser.add_argument("--scaling", action="store_true",
                         help="also measure the cost per byte from 8K to 1M bytes of context")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    result = run_benchmark(args.config, args.steps, args.gen_bytes)
+    result = run_benchmark(args.config, args.steps, args.gen_bytes, tuple(args.set))
     if args.scaling:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         result["scaling"] = scaling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -4,7 +4,8 @@ import sys
 
 
 def test_bench_json_reports_every_figure():
-    result = subprocess.run([sys.executable, "-m", "megatrain.bench", "--json", "--steps", "2", "--gen-bytes", "64"],
+    result = subprocess.run([sys.executable, "-m", "megatrain.bench", "--json", "--steps", "2", "--gen-bytes", "64",
+                             "--set", "model.local_layers=1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -12,6 +13,7 @@ def test_bench_json_reports_every_figure():
                 "gen_cached_bytes_per_s", "gen_uncached_bytes_per_s", "plain_transformer_bytes_per_s"):
         assert report[key] > 0, key
     assert 0 < report["mfu"] < 1
+    assert report["overrides"] == ["model.local_layers=1"]
 
 
 def test_scaling_rows():
