@@ -46,9 +46,10 @@ def _service(script: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def slurm(request: pytest.FixtureRequest) -> dict[str, str]:
     conf = _service("setup_slurm.sh", request).strip()
-    # What a job needs: our Slurm, CPU DeepSpeed, and this very venv on every node.
+    # What a job needs: our Slurm, this very venv on every node, CPU DeepSpeed with one
+    # thread per rank (the tasks share two cores).
     return {**os.environ, "SLURM_CONF": conf, "MEGATRAIN_VENV": sys.prefix, "DS_ACCELERATOR": "cpu",
-            "PYTHONUNBUFFERED": "1"}
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

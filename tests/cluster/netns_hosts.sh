@@ -16,6 +16,7 @@
 # Needs root. Idempotent. Commands run "on" a host with `ip netns exec mt-hN unshare
 # --uts sh -c 'hostname mt-hN; ...'`, or over ssh from any of them or from this machine.
 set -euo pipefail
+source "$(dirname "$0")/packages.sh"
 
 STATE=${MEGATRAIN_NETNS_DIR:-/run/megatrain-netns}
 HOSTS=(mt-h1 mt-h2)
@@ -25,16 +26,6 @@ SSH_CLIENT_CONF=/etc/ssh/ssh_config.d/megatrain-test.conf
 PACKAGES=(openssh-server openssh-client pdsh iproute2 util-linux)
 
 log() { echo "netns_hosts: $*" >&2; }
-
-install_packages() {
-    dpkg -s "${PACKAGES[@]}" >/dev/null 2>&1 && return
-    log "installing ${PACKAGES[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-    }
-}
 
 address() { echo "$NET.${1#mt-h}"; }  # mt-h2 -> 10.77.0.2
 
@@ -105,7 +96,7 @@ make_host() {
 
 start() {
     [[ $EUID -eq 0 ]] || { log "needs root"; exit 1; }
-    install_packages
+    install_packages "${PACKAGES[@]}"
     if ! answering; then
         stop
         check_subnet_free

@@ -2,13 +2,14 @@
 # A one-node Slurm cluster for the cluster tests: munge + slurmctld + slurmd on this
 # machine, everything of ours under $STATE (config, spool, logs, pid files).
 #
-#   setup_slurm.sh start   installs slurm-wlm + munge when missing, starts the daemons
+#   setup_slurm.sh start   installs slurm-wlm, munge, libpmix when missing, starts the daemons
 #                          (unless ours already answer) and prints SLURM_CONF's value
 #   setup_slurm.sh stop    stops the daemons that `start` started
 #
 # Needs root. The config lives outside /etc/slurm and is selected with SLURM_CONF, so
 # a machine's own Slurm config is never touched. Idempotent: `start` twice is one start.
 set -euo pipefail
+source "$(dirname "$0")/packages.sh"
 
 STATE=${MEGATRAIN_SLURM_DIR:-/run/megatrain-slurm}
 CONF=$STATE/slurm.conf
@@ -18,17 +19,6 @@ log() { echo "setup_slurm: $*" >&2; }
 
 # libpmix-dev: Debian's mpi/pmix plugin dlopens the unversioned libpmix.so it ships.
 PACKAGES=(slurm-wlm munge libpmix-dev)
-
-install_packages() {
-    dpkg -s "${PACKAGES[@]}" >/dev/null 2>&1 && return
-    log "installing ${PACKAGES[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # A fresh machine may have no package lists yet; update only when the install needs it.
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-    }
-}
 
 write_config() {
     local node
@@ -98,7 +88,7 @@ wait_idle() {
 
 start() {
     [[ $EUID -eq 0 ]] || { log "needs root"; exit 1; }
-    install_packages
+    install_packages "${PACKAGES[@]}"
     if ! (running "$STATE/slurmctld.pid" && running "$STATE/slurmd.pid" && scontrol ping >/dev/null 2>&1); then
         stop
         write_config
