@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ def build_cpu_comm_op() -> None:
     torch's JIT loader also guards every load with a lock file in the build directory,
     and waits forever on one that a process killed while loading left behind; holding
     our lock, such an old file can only be stale, so it is removed.
+
+    The build runs the first `ninja` on PATH, and two ninja versions (the system's and
+    the venv's) each take the other's build for stale: always use this Python's own.
     """
     if get_accelerator().device_name() != "cpu":
         return
@@ -90,7 +94,12 @@ def build_cpu_comm_op() -> None:
         torch_lock = Path(_get_build_directory(builder.name, verbose=False)) / "lock"
         if torch_lock.exists() and time.time() - torch_lock.stat().st_mtime > STALE_BUILD_LOCK_S:
             torch_lock.unlink(missing_ok=True)
-        builder.load(verbose=False)
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{path}"
+        try:
+            builder.load(verbose=False)
+        finally:
+            os.environ["PATH"] = path
 
 
 def _limit_cpu_threads() -> None:
