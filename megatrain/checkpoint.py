@@ -66,12 +66,18 @@ def _merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tenso
     return shards[0]  # replicated on every tensor-parallel rank
 
 
-def consolidate(ckpt: str | Path) -> tuple[MegabyteConfig, dict[str, torch.Tensor]]:
-    """The model config and the reference model's fp32 state dict from a checkpoint."""
-    tag = resolve_tag(ckpt)
+def read_client_state(tag: Path) -> dict:
+    """What a tag directory's first model-states file holds: DeepSpeed's state and ours."""
     client = _load(tag / "mp_rank_00_model_states.pt")
     if "config" not in client:
         raise CheckpointError(f"{tag}: no run config in mp_rank_00_model_states.pt: not a megatrain checkpoint")
+    return client
+
+
+def consolidate(ckpt: str | Path) -> tuple[MegabyteConfig, dict[str, torch.Tensor]]:
+    """The model config and the reference model's fp32 state dict from a checkpoint."""
+    tag = resolve_tag(ckpt)
+    client = read_client_state(tag)
     cfg = build(MegabyteConfig, client["config"]["model"], source=f"{tag} (model config)")
     files: dict[int, dict[int, Path]] = {}
     for path in tag.iterdir():

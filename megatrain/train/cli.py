@@ -12,6 +12,7 @@ from typing import Sequence
 from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
+from .signals import EXIT_STOPPED
 from .trainer import RunOptions, SetupError, Trainer
 
 EXIT_SETUP_ERROR = 2
@@ -27,7 +28,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, help="total optimizer steps of the run, a resumed run included")
     p.add_argument("--save", help="checkpoint directory (DeepSpeed layout)")
     p.add_argument("--save-interval", type=int, help="checkpoint every N steps (overrides train.save_interval)")
-    p.add_argument("--load", help="resume from the latest checkpoint in this directory")
+    p.add_argument("--keep-last", type=int, metavar="K", help="keep only the newest K checkpoints under --save")
+    p.add_argument("--load", help="resume from the latest checkpoint in this directory (or from one tag directory)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume on a dataset with another fingerprint (from the start of its sample order)")
     p.add_argument("--metrics", help="append one JSON object per optimizer step to this file (rank 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.lr=1e-3 (repeatable)")
@@ -48,6 +52,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                   parallel=replace(cfg.parallel, **given(pp=args.pp, tp=args.tp)),
                   train=replace(cfg.train, **given(train_steps=args.train_steps, seed=args.seed,
                                                    save_interval=args.save_interval)))
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ConfigError(f"--keep-last {args.keep_last}: keep at least one checkpoint")
     if not cfg.data.path:
         raise ConfigError(f"{args.config}: no training data: pass --data DIR or set data.path")
     return cfg
@@ -61,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = None
     try:
         cfg = resolve_config(args)
-        trainer = Trainer(cfg, RunOptions(metrics=args.metrics, save=args.save, load=args.load))
+        trainer = Trainer(cfg, RunOptions(metrics=args.metrics, save=args.save, load=args.load,
+                                          keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
     except (ConfigError, LayoutError, SetupError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
@@ -69,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-    return 0
+    return EXIT_STOPPED if trainer.stopped else 0

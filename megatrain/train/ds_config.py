@@ -27,7 +27,8 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": 1},
+        # elastic: the optimizer state is saved whole, so a run can resume at another dp size
+        "zero_optimization": {"stage": 1, "elastic_checkpoint": True},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # megatrain logs each step itself
     }

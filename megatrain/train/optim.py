@@ -45,5 +45,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=train.betas,
-                             eps=train.eps, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=train.betas,
+                                  eps=train.eps, weight_decay=train.weight_decay)
+    # DeepSpeed's elastic ZeRO checkpoints (which resume at another dp size) require a
+    # per-group "step", as its own Adam keeps; torch's AdamW keeps and restores its step per
+    # parameter, so this one is only the placeholder they need.
+    for group in optimizer.param_groups:
+        group["step"] = 0
+    return optimizer

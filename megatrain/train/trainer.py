@@ -1,8 +1,10 @@
 """One pretraining run: the engine, its data, the loop and what it reports.
 
 The state of a run between optimizer steps is the engine's (model, optimizer, LR
-schedule, step count) plus `client_state()` (the data position and the resolved
-config): a checkpoint holds both, so that a resumed run continues where this left off.
+schedule, step count) plus `client_state()` (the data position, the resolved config,
+the layout and the code version) and each rank's RNG state: a checkpoint holds all of
+it, so that a resumed run continues exactly where this one left off
+(`checkpointing` for how saves are committed and loads checked).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import deepspeed
@@ -17,14 +20,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.checkpoint import read_client_state
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, sequential_windows
+from megatrain.data.format import Manifest
 from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout
 
+from . import checkpointing
+from .checkpointing import SafeCheckpointEngine
 from .distributed import init_distributed
 from .ds_config import deepspeed_config
 from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops
 from .optim import build_optimizer, lr_schedule
+from .signals import StopRequest
 
 T = TypeVar("T")
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs for the first stage, targets for the last)
@@ -41,6 +49,8 @@ class RunOptions:
     metrics: str | None = None
     save: str | None = None
     load: str | None = None
+    keep_last: int | None = None  # complete checkpoints kept under `save` (all when None)
+    allow_data_change: bool = False  # resume on a dataset with another fingerprint
 
 
 def on_every_rank(what: str, fn: Callable[[], T]) -> T:
@@ -72,6 +82,15 @@ def as_batches(micro_batches: Iterator[torch.Tensor]) -> Iterator[Batch]:
         yield x, x
 
 
+class SavedPartitions(list):
+    """A checkpoint's ZeRO partitions, in order, for loading at a larger dp size: DeepSpeed reads
+    the state all partitions share (loss scale, clipping) from the one of its own dp rank,
+    which a smaller run did not have, so indexing past the end gives partition 0."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(index if isinstance(index, slice) or index < len(self) else 0)
+
+
 class Trainer:
     """Build the engine for cfg on the processes of this job, then `run()` to train."""
 
@@ -80,21 +99,33 @@ class Trainer:
         self.world = init_distributed(cfg.parallel.timeout_s)
         self.layout = plan_layout(cfg, self.world.size)  # the same verdict on every rank
         coord = self.layout.topology().get_coord(self.world.rank)
-        self.stage, self.dp_rank = coord.pipe, coord.data
+        self.stage, self.dp_rank, self.tp_rank = coord.pipe, coord.data, coord.model
         self.reads_data = self.stage in (0, self.layout.pp - 1)  # only they load micro-batches
         seed_everything(cfg.train.seed)
         self.train_data = on_every_rank("training data", self._open_train_data)
         self.val_batches = on_every_rank("validation data", self._load_val_batches)
+        self.fingerprint = on_every_rank("dataset fingerprint", self._dataset_fingerprint)
+        resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
+        self.engine.checkpoint_engine = SafeCheckpointEngine()
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
-        if options.load:
-            self.load(options.load)
         self.metrics = on_every_rank("--metrics", self._open_metrics)
+        if resume_tag is not None:  # last: what came before may draw random numbers (e.g. measuring peak FLOPs)
+            self.load(resume_tag)
+        self.stop = StopRequest()
+        self.stopped = False  # set when a signal ended the run early
+
+    def _dataset_fingerprint(self) -> str:
+        return Manifest.load(self.cfg.data.path).fingerprint
+
+    def _check_resumable(self) -> Path:
+        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.layout.pp,
+                                             self.layout.tp, self.fingerprint, self.options.allow_data_change)
 
     def _open_metrics(self) -> MetricsLog | None:
         """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own."""
@@ -136,18 +167,47 @@ class Trainer:
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
-        return {"config": config_to_dict(self.cfg),
-                "data": self.train_data.state_dict() if self.train_data is not None else None}
+        data = self.train_data.state_dict() if self.train_data is not None else None
+        return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
+                                                               "dp": self.layout.dp},
+                "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version()}
 
     def save(self) -> None:
-        self.engine.save_checkpoint(self.options.save, client_state=self.client_state())
+        """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
+        save_dir, step = Path(self.options.save), self.engine.global_steps
+        partial = checkpointing.partial_tag(step)
+        self.engine.save_checkpoint(str(save_dir), tag=partial, client_state=self.client_state(), save_latest=False)
+        torch.save(checkpointing.rng_state(self.engine.module),
+                   checkpointing.rng_file(save_dir / partial, self.stage, self.tp_rank, self.dp_rank))
+        dist.barrier()
+        if self.world.rank == 0:
+            checkpointing.commit(save_dir, step)
+            checkpointing.prune(save_dir, self.options.keep_last)
+        dist.barrier()
 
-    def load(self, path: str) -> None:
-        loaded, client = self.engine.load_checkpoint(path)
+    def load(self, tag: Path) -> None:
+        """Resume from a tag directory that `check_resumable` accepted."""
+        engine = self.engine
+        same_dp = read_client_state(tag)["layout"]["dp"] == self.layout.dp
+        loaded, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=same_dp)
         if loaded is None:
-            raise SetupError(f"--load {path}: no checkpoint found")
-        if self.train_data is not None and client.get("data"):
-            self.train_data.load_state_dict(client["data"])
+            raise SetupError(f"--load {self.options.load}: DeepSpeed could not load {tag}")
+        if not same_dp:
+            # DeepSpeed's load_checkpoint refuses ZeRO states of another dp size, though the
+            # optimizer re-partitions the elastic ones it saves (merged, then split anew)
+            partitions = SavedPartitions(engine._get_all_zero_checkpoints(str(tag.parent), tag.name))
+            engine.optimizer.load_state_dict(state_dict_list=partitions,
+                                             load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+                                             param_shapes=engine._get_zero_param_shapes())
+        # ZeRO's elastic load restores the optimizer's state but not its groups' learning rates
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        rng = checkpointing.load_rng_file(tag, self.stage, self.tp_rank, self.dp_rank)
+        if rng is not None:
+            checkpointing.set_rng_state(engine.module, rng)
+        data = client.get("data")
+        if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
+            self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over a global batch; its metrics."""
@@ -184,6 +244,9 @@ class Trainer:
             if save and t.save_interval and step % t.save_interval == 0:
                 self.save()
                 saved = step
+            if self.stop.agreed():
+                self.stopped = True
+                break
         if save and saved != self.engine.global_steps:
             self.save()
 

@@ -37,7 +37,7 @@ def test_deepspeed_config_from_yaml():
                              "train.monitor_dir=/m", "parallel.timeout_s=30"])
     ds = deepspeed_config(cfg, Layout(pp=2, tp=1, dp=2))
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 4, 3)
-    assert ds["zero_optimization"] == {"stage": 1} and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"] == {"stage": 1, "elastic_checkpoint": True} and ds["gradient_clipping"] == 1.0
     assert ds["bf16"] == {"enabled": False} and "data_types" not in ds  # tiny trains in fp32
     assert ds["csv_monitor"]["enabled"] and ds["tensorboard"]["output_path"] == "/m"
     assert cfg.parallel.timeout_s == 30.0
@@ -48,7 +48,7 @@ def test_bf16_accumulates_gradients_in_fp32_and_user_keys_win():
                              'train.deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": false}}'])
     ds = deepspeed_config(cfg, Layout(1, 1, 1))
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {"stage": 1, "elastic_checkpoint": True, "reduce_bucket_size": 1000}
     assert ds["bf16"] == {"enabled": False}
 
 

@@ -1,0 +1,180 @@
+"""Resuming `launch/pretrain.py` runs: exactly, after kill -9 or a signal, at another
+data-parallel size, and refusing what cannot resume (real multi-process runs, CPU, fp32).
+
+Every run trains tiny.yaml on a global batch of 4 sequences, so the 1-rank straight run
+is the reference for all layouts without dropout (as in tests/train).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatrain.checkpoint import CheckpointError
+from megatrain.config import config_to_dict, load_config
+from megatrain.train.checkpointing import check_resumable
+from megatrain.train.signals import EXIT_STOPPED
+
+from ..distributed import start_ranks, wait_ranks
+from ..train.test_pretrain import TINY, Run, batch, pretrain, relative_gaps
+
+STEPS = 12
+PP2_TP2 = ["--pp", "2", "--tp", "2", *batch(2, 2), "--set", "model.dropout=0.1"]  # dropout: RNG state matters
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def copy_at(ckpt: Path, step: int, out: Path) -> Path:
+    """A copy of a --save directory whose latest checkpoint is global_step{step}."""
+    shutil.copytree(ckpt, out)
+    (out / "latest").write_text(f"global_step{step}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_shards, cpu_comm, tmp_path_factory) -> Run:
+    """1 rank, STEPS steps, a checkpoint every 2 of which the newest 3 are kept."""
+    out = tmp_path_factory.mktemp("straight")
+    return pretrain("straight", "python", 1, ["--train-steps", str(STEPS), "--save-interval", "2",
+                                             "--keep-last", "3"], tiny_shards, out)
+
+
+def test_keep_last_keeps_the_newest_complete_checkpoints(straight):
+    ckpt = straight.dir / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("global_step*")) == ["global_step10", "global_step12", "global_step8"]
+    assert (ckpt / "latest").read_text() == "global_step12" and not list(ckpt.glob(".partial-*"))
+
+
+def test_one_rank_resumes_bitwise(straight, tiny_shards, tmp_path):
+    ckpt = copy_at(straight.dir / "ckpt", 8, tmp_path / "ckpt")
+    resumed = pretrain("resumed", "python", 1, ["--train-steps", str(STEPS), "--load", str(ckpt)],
+                       tiny_shards, tmp_path / "run")
+    expected = losses(straight.dir)
+    assert losses(resumed.dir) == {s: expected[s] for s in range(9, STEPS + 1)}
+
+
+def test_pp2_tp2_resumes_bitwise(tiny_shards, cpu_comm, tmp_path):
+    first = pretrain("pp2tp2", "deepspeed", 4, [*PP2_TP2, "--train-steps", "6", "--save-interval", "3"],
+                     tiny_shards, tmp_path / "straight")
+    resumed = pretrain("pp2tp2 resumed", "deepspeed", 4,
+                       [*PP2_TP2, "--train-steps", "6", "--load", str(copy_at(first.dir / "ckpt", 3, tmp_path / "c"))],
+                       tiny_shards, tmp_path / "resumed")
+    expected = losses(first.dir)
+    assert losses(resumed.dir) == {s: expected[s] for s in (4, 5, 6)}
+
+
+def wait_for_step(metrics: Path, step: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        assert all(p.poll() is None for p in procs), "a rank exited early"
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {metrics} after {timeout} s")
+
+
+def run_args(shards: Path, out: Path, *options: str) -> list[str]:
+    return ["--config", str(TINY), "--data", str(shards), "--train-steps", str(STEPS),
+            "--metrics", str(out / "metrics.jsonl"), "--save", str(out / "ckpt"), *options]
+
+
+def test_kill_9_then_resume_gives_the_straight_losses(straight, tiny_shards, tmp_path):
+    """A checkpoint every step, so a random kill often lands inside a save."""
+    procs = start_ranks("env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path)
+    wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
+    time.sleep(random.uniform(0, 0.3))
+    procs[0].kill()
+    procs[0].wait()
+    ckpt = tmp_path / "ckpt"
+    # and a save that died half-way, its files partly written: never the latest
+    (ckpt / ".partial-global_step99").mkdir(exist_ok=True)
+    (ckpt / ".partial-global_step99" / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02truncated")
+    saved = int((ckpt / "latest").read_text().removeprefix("global_step"))
+    resumed = pretrain("after kill", "python", 1, ["--train-steps", str(STEPS), "--load", str(ckpt),
+                                                   "--save", str(ckpt)], tiny_shards, tmp_path / "resumed")
+    expected = losses(straight.dir)
+    assert losses(resumed.dir) == {s: expected[s] for s in range(saved + 1, STEPS + 1)}
+    assert not list(ckpt.glob(".partial-*"))  # cleared by the resumed run's first save
+
+
+@pytest.fixture(scope="module")
+def stopped_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> tuple[Path, int, list[int]]:
+    """dp=2 run sent SIGUSR1 on rank 0 only after step 2: its directory, the step both ranks
+    stopped at, and their exit codes."""
+    out = tmp_path_factory.mktemp("signal")
+    procs = start_ranks("env", 2, run_args(tiny_shards, out, *batch(2, 1)), out)
+    wait_for_step(out / "metrics.jsonl", 2, procs)
+    procs[0].send_signal(signal.SIGUSR1)
+    job = wait_ranks(procs, out, timeout=120)
+    return out, max(losses(out)), job.rank_codes
+
+
+def test_sigusr1_saves_at_the_step_all_ranks_stop(stopped_dp2):
+    out, step, codes = stopped_dp2
+    assert codes == [EXIT_STOPPED, EXIT_STOPPED]
+    assert 2 <= step < STEPS
+    assert (out / "ckpt" / "latest").read_text() == f"global_step{step}"
+
+
+@pytest.mark.parametrize("launcher,ranks,options", [("env", 2, batch(2, 1)), ("python", 1, batch(4, 1)),
+                                                    ("deepspeed", 4, batch(1, 1))], ids=["dp=2", "dp=1", "dp=4"])
+def test_resume_at_any_data_parallel_size_continues_the_run(stopped_dp2, straight, tiny_shards, tmp_path,
+                                                            launcher, ranks, options):
+    out, step, _ = stopped_dp2
+    ckpt = shutil.copytree(out / "ckpt", tmp_path / "ckpt")
+    resumed = pretrain("resumed", launcher, ranks, ["--train-steps", str(STEPS), "--load", str(ckpt), *options],
+                       tiny_shards, tmp_path / "run")
+    expected = losses(straight.dir)
+    got = losses(resumed.dir)
+    assert sorted(got) == list(range(step + 1, STEPS + 1))
+    assert max(relative_gaps([expected[s] for s in got], list(got.values()))) < 1e-4
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    code = ("import os, signal, time; from megatrain.train.signals import StopRequest; s = StopRequest(); "
+            "os.kill(os.getpid(), signal.SIGTERM); assert s.signal == signal.SIGTERM; "
+            "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(5)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGUSR1, result.stderr
+
+
+# --- bad input: refused before training, naming the mismatch ---
+
+def test_bad_load_is_refused_before_training(straight, tiny_shards, tmp_path):
+    ckpt = straight.dir / "ckpt"
+    model = config_to_dict(load_config(TINY))["model"]
+    fingerprint = json.loads((tiny_shards / "manifest.json").read_text())["fingerprint"]
+    assert check_resumable(str(ckpt), model, 1, 1, fingerprint, False).name == "global_step12"
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(CheckpointError, match=str(path)):
+            check_resumable(str(path), model, 1, 1, fingerprint, False)
+    with pytest.raises(CheckpointError, match="another model shape .local_layers: 2 in the checkpoint, 3 now"):
+        check_resumable(str(ckpt), {**model, "local_layers": 3}, 1, 1, fingerprint, False)
+    with pytest.raises(CheckpointError, match="saved at pp=1 x tp=1, this run is pp=2 x tp=1: resume it with --pp 1 --tp 1"):
+        check_resumable(str(ckpt), model, 2, 1, fingerprint, False)
+    with pytest.raises(CheckpointError, match=f"trained on dataset '{fingerprint}', --data is dataset 'other'"):
+        check_resumable(str(ckpt), model, 1, 1, "other", False)
+    check_resumable(str(ckpt), model, 1, 1, "other", True)
+
+
+def test_other_dataset_fails_the_run_before_training(straight, tiny_shards, tmp_path):
+    other = tmp_path / "shards"
+    some_of_the_same_files = Path(json.__file__).parent
+    subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(some_of_the_same_files), "--output", str(other)],
+                   check=True, capture_output=True)
+    procs = start_ranks("env", 1, run_args(other, tmp_path, "--load", str(straight.dir / "ckpt")), tmp_path)
+    job = wait_ranks(procs, tmp_path, timeout=120)
+    assert job.returncode == 2 and "--allow-data-change" in job.output
+    assert not (tmp_path / "metrics.jsonl").exists()
