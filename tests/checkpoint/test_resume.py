@@ -142,8 +142,10 @@ def test_resume_at_any_data_parallel_size_continues_the_run(stopped_dp2, straigh
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    code = ("import os, signal, time; from megatrain.train.signals import StopRequest; s = StopRequest(); "
-            "os.kill(os.getpid(), signal.SIGTERM); assert s.signal == signal.SIGTERM; "
+    """...but not the same request delivered twice at once (Slurm's scancel --full)."""
+    code = ("import os, signal, time; from megatrain.train.signals import REPEAT_S, StopRequest; s = StopRequest(); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); "
+            "assert s.signal == signal.SIGTERM; time.sleep(REPEAT_S + 0.5); "
             "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(5)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 128 + signal.SIGUSR1, result.stderr
