@@ -4,6 +4,8 @@
 - `distributed`: joining the process group under deepspeed, mpirun, srun or plain python;
 - `ds_config` / `optim`: the DeepSpeed config, AdamW groups and the LR schedule from the YAML;
 - `metrics`: the per-step JSONL, console and monitor output;
+- `checkpointing`: RNG state per rank, checks before resuming, crash-safe commits, --keep-last;
+- `signals`: SIGTERM / SIGUSR1 stop after the step, with a checkpoint (exit code 3);
 - `cli.main`: what `launch/pretrain.py` runs.
 """
 
