@@ -68,7 +68,6 @@ def test_pretrain_sbatch_trains_on_two_tasks_and_checkpoints(slurm, tiny_shards,
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step6"
 
 
-@pytest.mark.xfail(strict=True, reason="pretrain.py does not checkpoint and exit on SIGUSR1 yet (issue 5)")
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tiny_shards, cpu_comm, tmp_path):
     total = 200
     metrics = tmp_path / "metrics.jsonl"
