@@ -12,6 +12,7 @@ from typing import Sequence
 from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
+from .distributed import RendezvousError
 from .signals import EXIT_STOPPED
 from .trainer import RunOptions, SetupError, Trainer
 
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(cfg, RunOptions(metrics=args.metrics, save=args.save, load=args.load,
                                           keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
-    except (ConfigError, LayoutError, SetupError) as e:
+    except (ConfigError, LayoutError, SetupError, RendezvousError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
         return EXIT_SETUP_ERROR
     finally:

@@ -30,6 +30,10 @@ DEFAULT_PORT = 29500
 STALE_BUILD_LOCK_S = 300  # a build takes well under a minute
 
 
+class RendezvousError(RuntimeError):
+    """The ranks could not meet: a wrong master address or port, or a host that is down."""
+
+
 @dataclass(frozen=True)
 class World:
     rank: int
@@ -120,9 +124,16 @@ def init_distributed(timeout_s: float) -> World:
     # DeepSpeed creates its pipe, data and model groups without a timeout, and torch gives
     # those its own default (30 min for gloo, 10 for NCCL), not the world's: make it ours.
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(auto_mpi_discovery=launcher == "mpi", verbose=False,
-                               distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)),
-                               timeout=timeout)
+    try:
+        deepspeed.init_distributed(auto_mpi_discovery=launcher == "mpi", verbose=False,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", DEFAULT_PORT)),
+                                   timeout=timeout)
+    except dist.DistError as e:  # the store's connect or wait timed out
+        master = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        reason = str(e).splitlines()[0]
+        raise RendezvousError(f"the ranks did not meet at the rendezvous master {master} within "
+                              f"{timeout_s:.0f} s (parallel.timeout_s); check MASTER_ADDR / --master_addr "
+                              f"or the hostfile's first host, and that every rank was started: {reason}") from None
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from ..distributed import REPO, start_ranks, wait_ranks
+from ..distributed import CPU_ENV, PRETRAIN, REPO, free_port, start_ranks, wait_ranks
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 DEADLINE_S = 120
@@ -47,3 +50,16 @@ def test_a_lost_rank_brings_every_rank_down(tiny_shards, cpu_comm, tmp_path, how
     lost.wait()
     assert job.returncode != 124 and waited < DEADLINE_S, f"ranks still running {waited:.0f} s later"
     assert all(code != 0 for code in job.rank_codes), job.rank_codes
+
+
+def test_a_missing_master_is_a_one_line_error_in_bounded_time(tiny_shards, tmp_path):
+    """Rank 1 of 2 with nobody listening at the master's port."""
+    env = {**os.environ, **CPU_ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--config", TINY, "--data", str(tiny_shards),
+                             "--set", "parallel.timeout_s=5"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=DEADLINE_S)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert time.monotonic() - start < DEADLINE_S
+    assert f"did not meet at the rendezvous master 127.0.0.1:{env['MASTER_PORT']} within 5 s" in result.stderr
