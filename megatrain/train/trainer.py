@@ -233,6 +233,8 @@ class Trainer:
     def run(self) -> None:
         """Train up to train.train_steps optimizer steps (counting those of a resumed run)."""
         t, save = self.cfg.train, self.options.save
+        if save and self.world.rank == 0:  # what a killed save left behind, even if no step is left to run
+            checkpointing.prune(Path(save), keep_last=None)
         saved = self.engine.global_steps  # nothing new to save before the first step
         while self.engine.global_steps < t.train_steps:
             record = self.train_step()
