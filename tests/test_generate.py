@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from megatrain.generate import context_start, generate
-from megatrain.model import Megabyte, bytes_loss
 from megatrain.reference import save_reference
 
-from .model.test_megabyte import VARIANTS, model_for
+from .model.test_megabyte import VARIANTS, fit, model_for
 
 TEXT = b"MEGABYTE models million-byte sequences with a global and a local transformer."
 
@@ -18,16 +17,8 @@ TEXT = b"MEGABYTE models million-byte sequences with a global and a local transf
 def memorised(tmp_path_factory):
     """A tiny model trained until it has learned TEXT by heart."""
     cfg = replace(VARIANTS["plain"], seq_len=80, global_dim=64, local_dim=32, init_std=0.02)
-    model = model_for(cfg).train()
-    x = torch.tensor([list(TEXT.ljust(80, b" "))])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(800):
-        loss = bytes_loss(model(x), x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.005:
-            break
+    model = model_for(cfg)
+    fit(model, torch.tensor([list(TEXT.ljust(80, b" "))]), max_steps=800, stop_below=0.005)
     path = tmp_path_factory.mktemp("gen") / "model.pt"
     save_reference(model.eval(), path)
     return model, path
