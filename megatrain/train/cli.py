@@ -9,6 +9,8 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
+import torch.distributed as dist
+
 from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.run()
     except (ConfigError, LayoutError, SetupError, RendezvousError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():  # else gloo's threads can abort the exit ("terminate called ...")
+            dist.destroy_process_group()
         return EXIT_SETUP_ERROR
     finally:
         if trainer is not None:
