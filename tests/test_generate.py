@@ -72,7 +72,8 @@ def test_context_window_moves_by_whole_patches():
     assert [context_start(n, 80, 4) for n in (80, 119, 120, 159)] == [40, 40, 80, 80]
 
 
-def test_greedy_cached_equals_uncached_across_window_moves():
+@pytest.mark.parametrize("prompt", [b"ab", b"a prompt of 4 patches and a bit"])
+def test_greedy_cached_equals_uncached_across_window_moves(prompt):
     model = model_for(VARIANTS["both"])
     kwargs = dict(temperature=0, max_bytes=70)
-    assert list(generate(model, b"ab", **kwargs)) == list(generate(model, b"ab", use_cache=False, **kwargs))
+    assert list(generate(model, prompt, **kwargs)) == list(generate(model, prompt, use_cache=False, **kwargs))

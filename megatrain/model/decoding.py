@@ -2,7 +2,8 @@
 
 A stage steps once per unit: the global model once per patch, the local model once
 per byte. So a patch costs L_global + P * L_local sequential layer steps instead of
-the P * (L_global + L_local) of recomputing the whole model for every byte.
+the P * (L_global + L_local) of recomputing the whole model for every byte. A prompt
+fills the caches in one batched pass (`prefill`) instead of byte by byte.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from .megabyte import GlobalEmbedding, Head, Megabyte, StageBlock, StageInput
 
 
 class IncrementalDecoder:
-    """Feed bytes with `push`; `next_logits()` gives the logits [B, 256] for the next byte.
+    """Feed a prompt with `prefill` and bytes with `push`; `next_logits()` gives the logits
+    [B, 256] for the next byte.
 
     Holds the bytes so far and one KVCache per attention layer. Equal (to float
     rounding) to `model(x)[:, t]` for every position t < seq_len.
@@ -51,6 +53,66 @@ class IncrementalDecoder:
         if self.length >= self.cfg.seq_len:
             raise ValueError(f"context is full: seq_len is {self.cfg.seq_len} bytes")
         self.bytes = torch.cat((self.bytes, byte.view(-1, 1).to(self.bytes)), dim=1)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Take a whole prompt (LongTensor [B, n]) in one batched pass: the state of n pushes.
+
+        The model's layers run over the prompt padded to whole patches (the padding comes
+        after every kept position, so causality leaves the kept ones exact), and each
+        attention layer keeps the keys and values that the byte-by-byte path would hold:
+        every started patch in the global model, the current unit's started positions
+        (and, with cross-patch attention, the previous unit's last r) below it.
+        """
+        if self.length:
+            raise ValueError(f"prefill needs an empty decoder, this one holds {self.length} bytes")
+        n, P = prompt.shape[1], self.cfg.patch_size
+        if n > self.cfg.seq_len:
+            raise ValueError(f"prompt of {n} bytes exceeds seq_len {self.cfg.seq_len}")
+        self.bytes = prompt.to(self.bytes)
+        if n == 0:
+            return
+        h, x = self.embed(F.pad(self.bytes, (0, -n % P)))
+        base = 0  # first byte of x: the lower stages may run on the last patch only
+        for s, blocks in enumerate(self.blocks):
+            if s == 1 and not self.cfg.cross_patch:  # each patch's lower stages see only that patch
+                base = x.shape[1] - P
+                h, x = h[:, :, -1:], x[:, -P:]
+            if s > 0:
+                h, x = self.inputs[s]((h, x))
+            h, kvs = self._run_blocks(blocks, h, x)
+            self._keep(s, h, kvs, n - 1 - base, base)
+
+    @staticmethod
+    def _run_blocks(blocks: list[StageBlock], h: torch.Tensor,
+                    x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The blocks' output over h [B, n, m, D] and each block's keys and values [B, n, heads, m, hd]."""
+        kvs = []
+        for block in blocks:
+            out: list[torch.Tensor] = []  # the qkv projection, taken as attention computes it
+            hook = block.attn.qkv.register_forward_hook(lambda _m, _i, qkv: out.append(qkv))
+            try:
+                h, x = block((h, x))
+            finally:
+                hook.remove()
+            B, n, m, _ = h.shape
+            _, k, v = out[0].view(B, n, m, 3, -1, block.attn.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            kvs.append((k, v))
+        return h, kvs
+
+    def _keep(self, s: int, h: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]],
+              last: int, base: int) -> None:
+        """Stage s's caches and output as stepping would leave them after byte `last` of x."""
+        unit = self.unit_bytes[s]
+        position = last // unit  # the stage's last started position, counted from x's start
+        q, j = divmod(position, h.shape[2])  # its unit of the stage above, and place in it
+        self.stepped_at[s] = base + position * unit
+        self.outputs[s] = h[:, q, j]
+        r = self.cfg.cross_patch if s > 0 else 0
+        for (k, v), cache in zip(kvs, self.caches[s]):
+            cache.k, cache.v = k[:, q, :, :j + 1], v[:, q, :, :j + 1]
+            if r and q > 0:
+                cache.prev_k, cache.prev_v = k[:, q - 1, :, -r:], v[:, q - 1, :, -r:]
 
     @torch.no_grad()
     def next_logits(self) -> torch.Tensor:
