@@ -93,15 +93,29 @@ class RowParallelLinear(_ShardedLinear):
         return sum_over_group(F.linear(x, self.weight), self.group)
 
 
-def column_shard(weight: torch.Tensor, rank: int, size: int, fused: int = 1) -> torch.Tensor:
-    """This rank's rows of `weight`. A fused weight ([q | k | v]: fused=3) is split block
-    by block, so that the shard is [q_rank | k_rank | v_rank]: the same heads of each."""
-    return torch.cat([block.chunk(size)[rank] for block in weight.chunk(fused)])
+# How a block's weights are split over tensor-parallel ranks: (dim, fused). Column-parallel
+# weights by output features (dim 0), a fused [q | k | v] one block by block so that every
+# rank holds the same heads of each; row-parallel ones by input features (dim 1). The
+# block's other weights (its norms) are replicated.
+BLOCK_SPLITS = {"attn.qkv.weight": (0, 3), "attn.proj.weight": (1, 1),
+                "mlp.fc1.weight": (0, 1), "mlp.fc2.weight": (1, 1)}
 
 
-def row_shard(weight: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's columns of `weight`."""
-    return weight.chunk(size, dim=1)[rank].contiguous()
+def shard_weight(name: str, weight: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's shard of a block's weight `name` (the whole weight if replicated)."""
+    if name not in BLOCK_SPLITS or size == 1:
+        return weight
+    dim, fused = BLOCK_SPLITS[name]
+    return torch.cat([block.chunk(size, dim)[rank] for block in weight.chunk(fused, dim)], dim).contiguous()
+
+
+def merge_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The whole weight `name` from every rank's shard, in rank order: shard_weight's inverse."""
+    if name not in BLOCK_SPLITS or len(shards) == 1:
+        return shards[0]
+    dim, fused = BLOCK_SPLITS[name]
+    blocks = [shard.chunk(fused, dim) for shard in shards]  # per rank: its part of q, k and v
+    return torch.cat([torch.cat([b[i] for b in blocks], dim) for i in range(fused)], dim)
 
 
 def shard_block(block: Block, group: dist.ProcessGroup) -> Block:
@@ -115,9 +129,10 @@ def shard_block(block: Block, group: dist.ProcessGroup) -> Block:
     for linear in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2):
         if linear.bias is not None:
             raise ValueError("tensor parallelism supports bias-free linears only")
+    def sharded(name: str, parallel: type[_ShardedLinear]) -> _ShardedLinear:
+        return parallel(shard_weight(f"{name}.weight", block.get_submodule(name).weight, rank, size), group)
+
     with torch.no_grad():
-        attn.qkv = ColumnParallelLinear(column_shard(attn.qkv.weight, rank, size, fused=3), group)
-        attn.proj = RowParallelLinear(row_shard(attn.proj.weight, rank, size), group)
-        mlp.fc1 = ColumnParallelLinear(column_shard(mlp.fc1.weight, rank, size), group)
-        mlp.fc2 = RowParallelLinear(row_shard(mlp.fc2.weight, rank, size), group)
+        attn.qkv, attn.proj = sharded("attn.qkv", ColumnParallelLinear), sharded("attn.proj", RowParallelLinear)
+        mlp.fc1, mlp.fc2 = sharded("mlp.fc1", ColumnParallelLinear), sharded("mlp.fc2", RowParallelLinear)
     return block

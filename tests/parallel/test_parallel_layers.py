@@ -14,7 +14,7 @@ from megatrain.model import (MegabyteConfig, StageConfig, StageInput, bytes_loss
                              tie_local_embedding)
 from megatrain.parallel import (ColumnParallelLinear, PatchParallelLoss, RowParallelLinear, SplitPatches,
                                 build_layer, first_local_layer, patch_share, run_on_share, shard_block)
-from megatrain.parallel.tensor_parallel import column_shard, row_shard
+from megatrain.parallel.tensor_parallel import BLOCK_SPLITS, merge_shards, shard_weight
 
 from ..distributed import run_ranks
 
@@ -53,8 +53,7 @@ def tensor_parallel_block(rank: int, size: int) -> dict[str, float]:
     for name, p in sharded.named_parameters():
         g = dict(dense.named_parameters())[name].grad
         if getattr(p, "tensor_model_parallel", False):
-            g = (column_shard(g, rank, size, fused=3 if "qkv" in name else 1) if p.partition_dim == 0
-                 else row_shard(g, rank, size))
+            g = shard_weight(name, g, rank, size)
         gaps[f"grad {name}"] = max_diff(p.grad, g)
     kinds = {type(m) for m in sharded.modules()}
     gaps["heads_per_rank"] = sharded.attn.qkv.out_features // (3 * sharded.attn.head_dim)
@@ -165,3 +164,18 @@ def test_local_model_runs_on_its_share_of_patches(per_rank, name):
         assert gaps.pop("patches_run") == K // 2 + halo
         for what, gap in gaps.items():
             assert gap < 1e-12, f"{name}, rank {rank}: {what} differs by {gap}"
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_shards_merge_back_and_keep_whole_heads(size):
+    block = build_layer(SMALL, 1, SEED)
+    for name in BLOCK_SPLITS:
+        weight = block.get_parameter(name).detach()
+        shards = [shard_weight(name, weight, rank, size) for rank in range(size)]
+        assert torch.equal(merge_shards(name, shards), weight), name
+    qkv = block.attn.qkv.weight.detach()
+    q, k, v = qkv.chunk(3)
+    head_rows = SMALL.global_dim // size
+    for rank in range(size):  # rank r holds the same heads of q, k and v
+        rows = slice(rank * head_rows, (rank + 1) * head_rows)
+        assert torch.equal(shard_weight("attn.qkv.weight", qkv, rank, size), torch.cat([q[rows], k[rows], v[rows]]))
