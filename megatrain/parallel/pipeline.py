@@ -103,6 +103,10 @@ class MegabytePipeline(PipelineModule):
         return self._grid.get_slice_parallel_group()
 
     @property
+    def tp_rank(self) -> int:
+        return self._grid.get_slice_parallel_rank()
+
+    @property
     def tp_size(self) -> int:
         return self._grid.get_slice_parallel_world_size()
 
@@ -125,7 +129,7 @@ class MegabytePipeline(PipelineModule):
         local = [layers[i] for i in range(first_local_layer(self.config), self._local_stop)]
         if self.config.tie_local_embedding:
             tie_local_embedding(local)
-        share = patch_share(self.config, self._grid.get_slice_parallel_rank(), self.tp_size)
+        share = patch_share(self.config, self.tp_rank, self.tp_size)
         self.loss_fn = PatchParallelLoss(share, self.tp_group)
         if self.tp_size > 1:
             self.local_stream = run_on_share(local, share, self.tp_group, self.seed)

@@ -1,15 +1,15 @@
 """Checkpoints that never lose work: per-rank RNG state, compatibility checks before
-training, and commits that a `kill -9` cannot leave half-done.
+training, and pruning.
 
 A save writes DeepSpeed's files under a temporary tag (`.partial-global_stepN`), then
-rank 0 renames the directory to `global_stepN` and replaces `latest` atomically, so
-`latest` only ever names a complete checkpoint; `--keep-last K` prunes older ones.
+rank 0 commits it (`megatrain.checkpoint.commit`: rename, then replace `latest`
+atomically), so `latest` only ever names a complete checkpoint; `--keep-last K` prunes
+older ones.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import random
 import re
 import shutil
@@ -22,15 +22,10 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import megatrain
-from megatrain.checkpoint import CheckpointError, read_client_state, resolve_tag
+from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag
 from megatrain.parallel import MegabytePipeline
 
-PARTIAL = ".partial-"
 _STEP_TAG = re.compile(r"global_step(\d+)")
-
-
-def step_tag(step: int) -> str:
-    return f"global_step{step}"
 
 
 @functools.cache
@@ -80,22 +75,16 @@ def load_rng_file(tag_dir: Path, stage: int, tp_rank: int, dp_rank: int) -> dict
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with `weights_only=True` (DeepSpeed's own loads
-    unpickle anything); the few DeepSpeed classes its files hold are allowed by name."""
+    """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`)."""
 
     def load(self, path: str, map_location=None):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return load_file(Path(path))
 
 
 # --- checks before training ---
 
-def check_resumable(ckpt: str, model_config: dict[str, Any], pp: int, tp: int,
-                    fingerprint: str | None, allow_data_change: bool) -> Path:
+def check_resumable(ckpt: str, model_config: dict[str, Any], fingerprint: str | None,
+                    allow_data_change: bool) -> Path:
     """The tag directory that `--load ckpt` resumes from; CheckpointError naming the
     mismatch if it cannot resume this run."""
     tag = resolve_tag(ckpt)
@@ -105,12 +94,6 @@ def check_resumable(ckpt: str, model_config: dict[str, Any], pp: int, tp: int,
               if saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{tag} holds another model shape ({'; '.join(differ)})")
-    layout = client.get("layout", {})
-    if (layout.get("pp"), layout.get("tp")) != (pp, tp):
-        raise CheckpointError(f"{tag} was saved at pp={layout.get('pp')} x tp={layout.get('tp')}, this run is "
-                              f"pp={pp} x tp={tp}: resume it with --pp {layout.get('pp')} --tp {layout.get('tp')} "
-                              f"(any data-parallel size works; `python -m megatrain.checkpoint export` gives its "
-                              f"weights for any layout)")
     saved_fingerprint = (client.get("data") or {}).get("fingerprint")
     if fingerprint is not None and saved_fingerprint != fingerprint and not allow_data_change:
         raise CheckpointError(f"{tag} was trained on dataset {saved_fingerprint!r}, --data is dataset "
@@ -119,35 +102,7 @@ def check_resumable(ckpt: str, model_config: dict[str, Any], pp: int, tp: int,
     return tag
 
 
-# --- commits ---
-
-def partial_tag(step: int) -> str:
-    return PARTIAL + step_tag(step)
-
-
-def commit(save_dir: Path, step: int) -> None:
-    """Make the complete checkpoint written under partial_tag(step) the latest (rank 0,
-    after every rank has written its files)."""
-    final = save_dir / step_tag(step)
-    if final.exists():  # an older save of the same step, e.g. of a run that was stopped
-        shutil.rmtree(final)
-    os.replace(save_dir / partial_tag(step), final)
-    latest = save_dir / "latest.tmp"
-    with open(latest, "w") as f:
-        f.write(step_tag(step))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest, save_dir / "latest")
-    _fsync_dir(save_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+# --- pruning ---
 
 def prune(save_dir: Path, keep_last: int | None) -> None:
     """Remove what a killed save left behind and, with keep_last, all but the newest

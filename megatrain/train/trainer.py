@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.checkpoint import read_client_state
+from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, sequential_windows
 from megatrain.data.format import Manifest
@@ -32,6 +32,7 @@ from .distributed import init_distributed
 from .ds_config import deepspeed_config
 from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops
 from .optim import build_optimizer, lr_schedule
+from .resharding import load_resharded
 from .signals import StopRequest
 
 T = TypeVar("T")
@@ -124,8 +125,8 @@ class Trainer:
         return Manifest.load(self.cfg.data.path).fingerprint
 
     def _check_resumable(self) -> Path:
-        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.layout.pp,
-                                             self.layout.tp, self.fingerprint, self.options.allow_data_change)
+        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.fingerprint,
+                                             self.options.allow_data_change)
 
     def _open_metrics(self) -> MetricsLog | None:
         """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own."""
@@ -175,21 +176,37 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
         save_dir, step = Path(self.options.save), self.engine.global_steps
-        partial = checkpointing.partial_tag(step)
+        partial = partial_tag(step)
         self.engine.save_checkpoint(str(save_dir), tag=partial, client_state=self.client_state(), save_latest=False)
         torch.save(checkpointing.rng_state(self.engine.module),
                    checkpointing.rng_file(save_dir / partial, self.stage, self.tp_rank, self.dp_rank))
         dist.barrier()
         if self.world.rank == 0:
-            checkpointing.commit(save_dir, step)
+            commit(save_dir, step)
             checkpointing.prune(save_dir, self.options.keep_last)
         dist.barrier()
 
     def load(self, tag: Path) -> None:
         """Resume from a tag directory that `check_resumable` accepted."""
+        client = read_client_state(tag)
+        saved = client["layout"]
+        if is_universal(tag) or (saved["pp"], saved["tp"]) != (self.layout.pp, self.layout.tp):
+            load_resharded(self.engine, tag, client)
+            # no RNG state fits another layout: new streams, not a replay of step 0's
+            seed_everything(self.cfg.train.seed + self.engine.global_steps)
+        else:
+            self._load_same_layout(tag, same_dp=saved["dp"] == self.layout.dp)
+        # ZeRO's elastic and our resharded loads restore the schedule but not the groups' learning rates
+        for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        data = client.get("data")
+        if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
+            self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
+
+    def _load_same_layout(self, tag: Path, same_dp: bool) -> None:
+        """DeepSpeed's own load, at any data-parallel size, and this rank's RNG state."""
         engine = self.engine
-        same_dp = read_client_state(tag)["layout"]["dp"] == self.layout.dp
-        loaded, client = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=same_dp)
+        loaded, _ = engine.load_checkpoint(str(tag.parent), tag=tag.name, load_optimizer_states=same_dp)
         if loaded is None:
             raise SetupError(f"--load {self.options.load}: DeepSpeed could not load {tag}")
         if not same_dp:
@@ -199,15 +216,9 @@ class Trainer:
             engine.optimizer.load_state_dict(state_dict_list=partitions,
                                              load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
                                              param_shapes=engine._get_zero_param_shapes())
-        # ZeRO's elastic load restores the optimizer's state but not its groups' learning rates
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
         rng = checkpointing.load_rng_file(tag, self.stage, self.tp_rank, self.dp_rank)
         if rng is not None:
             checkpointing.set_rng_state(engine.module, rng)
-        data = client.get("data")
-        if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
-            self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over a global batch; its metrics."""

@@ -1,0 +1,74 @@
+"""Resume from a checkpoint of another pp x tp layout, or from `convert`'s layout-free form.
+
+DeepSpeed's `load_checkpoint` reads its own layout only. Here each rank reads the whole
+parameters of its pipeline stage's layers (`megatrain.checkpoint.read_params`), takes
+its tensor-parallel shard of each (`shard_weight`) and writes it into its module and
+into its ZeRO-1 partition of the fp32 weights and Adam moments through DeepSpeed's
+fragment API, which addresses a parameter whole however data parallelism partitions it.
+The step counts and the LR schedule come from the client state; the data position is
+restored by the trainer as for any resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+from megatrain.checkpoint import CheckpointError, read_params
+from megatrain.parallel import MegabytePipeline
+from megatrain.parallel.pipeline import first_local_layer
+from megatrain.parallel.tensor_parallel import shard_weight
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _create_adam_state(zero: Any, step: torch.Tensor) -> None:
+    """The state AdamW creates at its first step, for every flat fp32 partition, linked to
+    the parameters' fragments (DeepSpeed links them lazily, at its first step)."""
+    for group, flat in zip(zero.optimizer.param_groups, zero.single_partition_of_fp32_groups):
+        on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps its step
+        # a step tensor of its own per group: AdamW increments it in place
+        own_step = step.to(flat.device if on_device else "cpu", torch.float32, copy=True)
+        zero.optimizer.state[flat] = {"step": own_step, **{key: torch.zeros_like(flat) for key in MOMENTS}}
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def _restore_lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    """The saved schedule's position. Another layout may have another number of parameter
+    groups; every group has the same learning rate (they differ in weight decay only)."""
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": saved["last_epoch"],
+                               "_step_count": saved["_step_count"],
+                               "_last_lr": saved["_last_lr"][:1] * len(scheduler.base_lrs)})
+
+
+def _this_ranks_part(module: MegabytePipeline, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of parameter `name` (a pipeline name) given whole."""
+    layer, local_name = name.split(".", 1)
+    if 0 < int(layer) < first_local_layer(module.config):  # a global block: tensor-parallel
+        return shard_weight(local_name, tensor, module.tp_rank, module.tp_size)
+    return tensor  # replicated on every tensor-parallel rank
+
+
+def load_resharded(engine: Any, tag: Path, client: dict[str, Any]) -> None:
+    """Load the checkpoint in `tag` (client: its client state) into a pipeline engine of
+    any layout."""
+    module: MegabytePipeline = engine.module
+    params = dict(module.named_parameters())  # pipeline names: "{layer}.{name}"
+    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params})
+    _create_adam_state(engine.optimizer, saved.step)
+    with torch.no_grad():
+        for name, param in params.items():
+            if f"layers.{name}" not in saved.params:
+                raise CheckpointError(f"{tag}: no saved state for layers.{name}")
+            part = {key: _this_ranks_part(module, name, t) for key, t in saved.params[f"layers.{name}"].items()}
+            param.copy_(part["fp32"])
+            safe_set_full_fp32_param(param, part["fp32"])
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, part[key], key)
+    engine.global_steps, engine.global_samples = client["global_steps"], client["global_samples"]
+    engine.skipped_steps = client["skipped_steps"]
+    _restore_lr_schedule(engine.lr_scheduler, client["lr_scheduler"])
