@@ -15,11 +15,40 @@ from .layers import KVCache
 from .megabyte import GlobalEmbedding, Head, Megabyte, StageBlock, StageInput
 
 
+class PreallocatedKVCache(KVCache):
+    """The cache of a model whose positions are never dropped (the global model, a plain
+    transformer), written in place into buffers of `capacity` positions: appending costs
+    one position's copy, where torch.cat copies the whole cache (quadratic over thousands).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.size = 0
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.size + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"cache is full: {self.capacity} positions")
+        if self.buffers is None:
+            B, heads, _, head_dim = k.shape
+            self.buffers = (k.new_empty(B, heads, self.capacity, head_dim),
+                            v.new_empty(B, heads, self.capacity, head_dim))
+        for buffer, new in zip(self.buffers, (k, v)):
+            buffer[:, :, self.size:end] = new
+        self.size = end
+        self.k, self.v = (buffer[:, :, :end] for buffer in self.buffers)
+
+    def next_unit(self, keep_last: int) -> None:
+        raise TypeError("a PreallocatedKVCache holds one unit: the whole sequence")
+
+
 class IncrementalDecoder:
     """Feed a prompt with `prefill` and bytes with `push`; `next_logits()` gives the logits
     [B, 256] for the next byte.
 
-    Holds the bytes so far and one KVCache per attention layer. Equal (to float
+    Holds the bytes so far and one key/value cache per attention layer. Equal (to float
     rounding) to `model(x)[:, t]` for every position t < seq_len.
     """
 
@@ -39,6 +68,7 @@ class IncrementalDecoder:
                 self.blocks[-1].append(layer)
         self.unit_bytes = [s.patch_size for s in self.cfg.stages]
         self.caches = [[KVCache() for _ in blocks] for blocks in self.blocks]
+        self.caches[0] = [PreallocatedKVCache(self.cfg.num_patches) for _ in self.blocks[0]]
         self.outputs: list[torch.Tensor | None] = [None] * len(self.blocks)  # current unit's output
         self.stepped_at = [-1] * len(self.blocks)  # byte at which each stage last stepped
         device = next(model.parameters()).device
@@ -110,7 +140,7 @@ class IncrementalDecoder:
         self.outputs[s] = h[:, q, j]
         r = self.cfg.cross_patch if s > 0 else 0
         for (k, v), cache in zip(kvs, self.caches[s]):
-            cache.k, cache.v = k[:, q, :, :j + 1], v[:, q, :, :j + 1]
+            cache.append(k[:, q, :, :j + 1], v[:, q, :, :j + 1])
             if r and q > 0:
                 cache.prev_k, cache.prev_v = k[:, q - 1, :, -r:], v[:, q - 1, :, -r:]
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from megatrain.model.decoding import IncrementalDecoder, uncached_next_logits
+from megatrain.model.decoding import IncrementalDecoder, PreallocatedKVCache, uncached_next_logits
+from megatrain.model.layers import KVCache
 
 from .test_megabyte import VARIANTS, model_for
 
@@ -78,3 +79,14 @@ def test_uncached_next_logits():
     with torch.no_grad():
         torch.testing.assert_close(uncached_next_logits(model, x[:, :5]), model(x)[:, 5])
         torch.testing.assert_close(uncached_next_logits(model, x[:, :0]), model(x)[:, 0])
+
+
+def test_preallocated_cache_holds_what_appending_holds():
+    plain, preallocated = KVCache(), PreallocatedKVCache(capacity=5)
+    for length in (3, 1, 1):
+        k, v = torch.randn(2, 4, length, 8), torch.randn(2, 4, length, 8)
+        plain.append(k, v)
+        preallocated.append(k, v)
+    assert torch.equal(preallocated.k, plain.k) and torch.equal(preallocated.v, plain.v)
+    with pytest.raises(ValueError, match="cache is full"):
+        preallocated.append(k, v)
