@@ -2,6 +2,7 @@
 
     python -m megatrain.evaluate --load MODEL --data DIR [--split val] [--max-bytes N]
         [--strided] [--sliding W]
+    deepspeed --num_gpus 8 --module megatrain.evaluate --load CKPT --data DIR --pp 2 --tp 4 ...
 
 Every byte of the stream is predicted exactly once, from a window of at most seq_len
 bytes that starts on a patch boundary:
@@ -11,13 +12,19 @@ bytes that starts on a patch boundary:
   bytes of context or more;
 - `--strided` (Section 2.3.3): a second pass with windows offset by P/2; each pass
   keeps the predictions of the first half of every patch, where MEGABYTE is best.
-Both can be combined (the paper's best PG-19 figure). Training's validation calls
-`bits_per_byte` too. The last line printed is a JSON object with `bpb` and `bytes`.
+Both can be combined (the paper's best PG-19 figure). The last line printed is a JSON
+object with `bpb` and `bytes`.
+
+MODEL is an exported .pt or a checkpoint of any layout, run as the reference model on
+one device; under a launcher (or with --pp / --tp) a checkpoint runs as the parallel
+model instead, for models one device cannot hold (`megatrain.train.validation`, which
+training's validation runs too, on the same `scored_windows`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -29,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # bytes [B, T] -> logits [B, T, 256]
+UNSCORED = -100  # a target no prediction is scored on: cross_entropy's ignore_index
 
 
 @dataclass(frozen=True)
@@ -61,39 +69,54 @@ def plan_windows(n_bytes: int, seq_len: int, patch_size: int, strided: bool = Fa
                 break
 
 
+def scored_windows(data: np.ndarray, seq_len: int, patch_size: int, strided: bool = False,
+                   sliding: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(bytes, targets) per window of `plan_windows`, both [seq_len] int64: a short last
+    window is padded, and targets the window does not score (padding included) are UNSCORED.
+    Fixed shapes let the pipeline engine run them as they are; a causal model's scored
+    predictions do not see the padding after them."""
+    for w in plan_windows(len(data), seq_len, patch_size, strided, sliding):
+        x = torch.zeros(seq_len, dtype=torch.int64)
+        x[:w.length] = torch.from_numpy(data[w.start:w.start + w.length].astype(np.int64))
+        targets = torch.full((seq_len,), UNSCORED, dtype=torch.int64)
+        score = torch.from_numpy(w.score)
+        targets[:w.length][score] = x[:w.length][score]
+        yield x, targets
+
+
+def scored_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats summed (in float64) over the scored targets (the others are UNSCORED)."""
+    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=UNSCORED, reduction="none")
+    return nats.double().sum()
+
+
+def summary(nats: float, scored_bytes: int) -> dict:
+    return {"bpb": nats / max(scored_bytes, 1) / math.log(2), "bytes": scored_bytes, "nats": nats}
+
+
 def bits_per_byte(logits_fn: LogitsFn, data: np.ndarray, seq_len: int, patch_size: int,
                   strided: bool = False, sliding: int | None = None, batch_size: int = 8,
                   device: str | torch.device = "cpu") -> dict:
     """{"bpb", "bytes", "nats"} of the byte array `data` under the model."""
     total_nats, total_bytes = 0.0, 0
-    batch: list[Window] = []
-
-    def flush() -> None:
-        nonlocal total_nats, total_bytes
-        x = torch.stack([torch.from_numpy(data[w.start:w.start + w.length].astype(np.int64)) for w in batch])
-        x = x.to(device)
+    windows = scored_windows(data, seq_len, patch_size, strided, sliding)
+    while batch := list(itertools.islice(windows, batch_size)):
+        x, targets = (torch.stack(t).to(device) for t in zip(*batch))
         with torch.no_grad():
-            nats = F.cross_entropy(logits_fn(x).float().transpose(1, 2), x, reduction="none")
-        mask = torch.from_numpy(np.stack([w.score for w in batch])).to(device)
-        total_nats += nats[mask].double().sum().item()
-        total_bytes += int(mask.sum())
-        batch.clear()
-
-    for window in plan_windows(len(data), seq_len, patch_size, strided, sliding):
-        if batch and (len(batch) == batch_size or window.length != batch[0].length):
-            flush()
-        batch.append(window)
-    if batch:
-        flush()
+            total_nats += scored_nats(logits_fn(x), targets).item()
+        total_bytes += int((targets != UNSCORED).sum())
     if total_bytes != len(data):
         raise AssertionError(f"scored {total_bytes} of {len(data)} bytes")
-    return {"bpb": total_nats / max(total_bytes, 1) / math.log(2), "bytes": total_bytes,
-            "nats": total_nats}
+    return summary(total_nats, total_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
     from megatrain.data import read_split
     from megatrain.reference import load_reference
+    from megatrain.train.distributed import discover_launcher
 
     parser = argparse.ArgumentParser(prog="python -m megatrain.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a training checkpoint (any layout) or an exported .pt")
@@ -102,17 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", type=int, default=None, help="score the first N bytes of the split")
     parser.add_argument("--strided", action="store_true", help="two passes offset by P/2 (Section 2.3.3)")
     parser.add_argument("--sliding", type=int, default=None, metavar="W", help="sliding windows, stride W bytes")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (per micro-batch in parallel)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pp", type=int, default=None, help="run the parallel model with this many pipeline stages")
+    parser.add_argument("--tp", type=int, default=None, help="... and this tensor-parallel size")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = parser.parse_args(argv)
     if args.max_bytes is not None and args.max_bytes <= 0:
         parser.error(f"--max-bytes must be positive, got {args.max_bytes}")
     try:
-        model = load_reference(args.load, args.device)
-        data = read_split(args.data, args.split, args.max_bytes)
-        cfg = model.config
-        result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
-                               args.batch_size, args.device)
+        if args.pp or args.tp or discover_launcher() != "python":
+            from megatrain.train.validation import evaluate_checkpoint
+
+            result = evaluate_checkpoint(args.load, args.data, args.split, args.max_bytes, args.strided, args.sliding,
+                                         args.pp or 1, args.tp or 1, args.batch_size)
+            if dist.get_rank() != 0:
+                return 0
+        else:
+            model = load_reference(args.load, args.device)
+            data = read_split(args.data, args.split, args.max_bytes)
+            cfg = model.config
+            result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
+                                   args.batch_size, args.device)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split,

@@ -181,14 +181,16 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> 
     return Job(max(codes, key=abs), output, time.monotonic() - start, codes)
 
 
-def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 300) -> Job:
-    """Run `launch/pretrain.py args` on `nprocs` ranks started by `launcher`:
-    deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
+def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 300,
+           program: tuple[str, ...] = (str(PRETRAIN),)) -> Job:
+    """Run `launch/pretrain.py args` (or another program) on `nprocs` ranks started by
+    `launcher`: deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
     if launcher in ("srun", "env"):
+        assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
         return wait_ranks(start_ranks(launcher, nprocs, args, log_dir), log_dir, timeout)
     port = free_port()
     start = time.monotonic()
-    proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), str(PRETRAIN), *args],
+    proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), *program, *args],
                             cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

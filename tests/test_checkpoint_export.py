@@ -16,7 +16,8 @@ from megatrain.reference import load_reference
 
 from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
 
-SEQ, WINDOWS = 256, 8  # tiny.yaml's seq_len; the validation bytes are WINDOWS whole windows
+SEQ = 256  # tiny.yaml's seq_len
+VAL_BYTES = 8 * SEQ + 100  # the validation's last window is short: padded, its padding unscored
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def parallel_run(tiny_shards, cpu_comm, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(tiny_shards), "--pp", "2", "--tp", "2",
             "--train-steps", "3", "--save", str(out / "ckpt"), "--metrics", str(out / "metrics.jsonl"),
-            "--set", "train.eval_interval=3", "--set", f"train.eval_bytes={SEQ * WINDOWS}"]
+            "--set", "train.eval_interval=3", "--set", f"train.eval_bytes={VAL_BYTES}"]
     job = launch("deepspeed", 4, args, out)
     assert job.returncode == 0, job.output[-5000:]
     return out
@@ -37,12 +38,29 @@ def test_export_gives_the_parallel_models_validation_bits_per_byte(parallel_run,
     assert result.returncode == 0, result.stderr
     model = load_reference(parallel_run / "model.pt")
     last = json.loads((parallel_run / "metrics.jsonl").read_text().splitlines()[-1])
-    reference = bits_per_byte(model, read_split(tiny_shards, "val", SEQ * WINDOWS), SEQ, 8)
+    reference = bits_per_byte(model, read_split(tiny_shards, "val", VAL_BYTES), SEQ, 8)
     assert reference["bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
     # the directory loads directly too, to the same weights
     direct = load_model(parallel_run / "ckpt")
     for (name, a), b in zip(model.state_dict().items(), direct.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", [[], ["--strided"], ["--sliding", "128"]], ids=["plain", "strided", "sliding"])
+def test_parallel_evaluation_equals_the_reference_models(parallel_run, tiny_shards, mode):
+    """The checkpoint run as pp=2 x dp=2 under the deepspeed launcher, and on one process."""
+    evaluate = ["--load", str(parallel_run / "ckpt"), "--data", str(tiny_shards), "--max-bytes", str(VAL_BYTES), *mode]
+    parallel = launch("deepspeed", 4, [*evaluate, "--pp", "2", "--batch-size", "2"],
+                      parallel_run / "eval" / "-".join(mode or ["plain"]), program=("--module", "megatrain.evaluate"))
+    assert parallel.returncode == 0, parallel.output[-5000:]
+    single = subprocess.run([sys.executable, "-m", "megatrain.evaluate", *evaluate], capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0, single.stderr
+    # the launcher's own log lines may follow rank 0's JSON line
+    got = json.loads([line for line in parallel.output.splitlines() if line.startswith('{"bpb"')][-1])
+    expected = json.loads(single.stdout.strip().splitlines()[-1])
+    assert got["bytes"] == expected["bytes"] == VAL_BYTES
+    assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
 
 
 def test_export_bad_input(parallel_run, tmp_path):

@@ -1,6 +1,6 @@
 """Data: the shard format (`format`), split streams, the global sample order and loaders.
 
-Exports load on first use: `ByteStream` and `sequential_windows` import torch, which
+Exports load on first use: `ByteStream` imports torch, which
 `data_prep` (it imports only `megatrain.data.format`) never needs.
 """
 
@@ -8,7 +8,6 @@ from typing import Any
 
 _EXPORTS = {
     "ByteStream": "megatrain.data.loader",
-    "sequential_windows": "megatrain.data.loader",
     "read_split": "megatrain.data.stream",
     "SplitStream": "megatrain.data.stream",
 }

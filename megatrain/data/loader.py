@@ -297,20 +297,3 @@ def _ordered_map(function: Callable[[Any], Any], items: Iterator[Any], threads: 
         finally:
             for future in pending:
                 future.cancel()
-
-
-def sequential_windows(
-    data_dir: Path | str,
-    split: str,
-    seq_len: int,
-    max_bytes: int | None = None,
-    boundary: bytes = b"",
-) -> Iterator[torch.Tensor]:
-    """The split's stream in order, as consecutive 1-D uint8 windows of seq_len bytes
-    covering its first `max_bytes` bytes (default all); the last one may be shorter."""
-    stream = SplitStream(data_dir, split, boundary)
-    end = stream.length if max_bytes is None else min(max_bytes, stream.length)
-    for start in range(0, end, seq_len):
-        window = np.empty(min(seq_len, end - start), np.uint8)
-        stream.read_into(start, window)
-        yield torch.from_numpy(window)

@@ -96,7 +96,9 @@ class PatchParallelLoss:
     """Cross-entropy over this rank's bytes, divided by all the micro-batch's bytes.
 
     The returned value is the mean over all bytes (summed over the group), so that the
-    engine reports the true loss, while its gradient is this rank's share alone.
+    engine reports the true loss, while its gradient is this rank's share alone. Targets
+    of -100 (cross_entropy's ignore_index: bytes an evaluation does not score, and its
+    padding) add nothing.
     """
 
     def __init__(self, share: PatchShare, group: dist.ProcessGroup) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from megatrain.checkpoint import CheckpointError, read_params
+from megatrain.checkpoint import STATE_KEYS, CheckpointError, read_params
 from megatrain.parallel import MegabytePipeline
 from megatrain.parallel.pipeline import first_local_layer
 from megatrain.parallel.tensor_parallel import shard_weight
@@ -53,18 +53,34 @@ def _this_ranks_part(module: MegabytePipeline, name: str, tensor: torch.Tensor) 
     return tensor  # replicated on every tensor-parallel rank
 
 
+def _saved_parts(module: MegabytePipeline, tag: Path,
+                 keys: tuple[str, ...]) -> tuple[list[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], torch.Tensor]:
+    """Each of this rank's parameters with its part of the saved `keys`; Adam's step count."""
+    params = dict(module.named_parameters())  # pipeline names: "{layer}.{name}"
+    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params}, keys)
+    parts = []
+    for name, param in params.items():
+        if f"layers.{name}" not in saved.params:
+            raise CheckpointError(f"{tag}: no saved state for layers.{name}")
+        parts.append((param, {key: _this_ranks_part(module, name, t) for key, t in saved.params[f"layers.{name}"].items()}))
+    return parts, saved.step
+
+
+def load_weights(module: MegabytePipeline, tag: Path) -> None:
+    """The checkpoint's fp32 weights into a pipeline module of any layout (for evaluation)."""
+    parts, _ = _saved_parts(module, tag, ("fp32",))
+    with torch.no_grad():
+        for param, part in parts:
+            param.copy_(part["fp32"])
+
+
 def load_resharded(engine: Any, tag: Path, client: dict[str, Any]) -> None:
     """Load the checkpoint in `tag` (client: its client state) into a pipeline engine of
-    any layout."""
-    module: MegabytePipeline = engine.module
-    params = dict(module.named_parameters())  # pipeline names: "{layer}.{name}"
-    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params})
-    _create_adam_state(engine.optimizer, saved.step)
+    any layout, to train on."""
+    parts, step = _saved_parts(engine.module, tag, STATE_KEYS)
+    _create_adam_state(engine.optimizer, step)
     with torch.no_grad():
-        for name, param in params.items():
-            if f"layers.{name}" not in saved.params:
-                raise CheckpointError(f"{tag}: no saved state for layers.{name}")
-            part = {key: _this_ranks_part(module, name, t) for key, t in saved.params[f"layers.{name}"].items()}
+        for param, part in parts:
             param.copy_(part["fp32"])
             safe_set_full_fp32_param(param, part["fp32"])
             for key in MOMENTS:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
 from megatrain.config import RunConfig, config_to_dict
-from megatrain.data import ByteStream, sequential_windows
+from megatrain.data import ByteStream, read_split
 from megatrain.data.format import Manifest
 from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout
 
@@ -34,9 +34,9 @@ from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
 from .signals import StopRequest
+from .validation import Batch, EvalPlan, pipeline_bits_per_byte, plan_evaluation
 
 T = TypeVar("T")
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs for the first stage, targets for the last)
 
 
 class SetupError(RuntimeError):
@@ -104,7 +104,7 @@ class Trainer:
         self.reads_data = self.stage in (0, self.layout.pp - 1)  # only they load micro-batches
         seed_everything(cfg.train.seed)
         self.train_data = on_every_rank("training data", self._open_train_data)
-        self.val_batches = on_every_rank("validation data", self._load_val_batches)
+        self.validation = on_every_rank("validation data", self._plan_validation)
         self.fingerprint = on_every_rank("dataset fingerprint", self._dataset_fingerprint)
         resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
@@ -148,23 +148,14 @@ class Trainer:
                           seed=t.seed, boundary=c.data.boundary.encode(), on_corrupt=c.data.on_corrupt,
                           prefetch=c.data.prefetch)
 
-    def _load_val_batches(self) -> list[Batch | None]:
-        """This rank's micro-batches of the first train.eval_bytes of the val split (whole
-        windows, the same number on every data-parallel rank); placeholders on ranks that
-        load no data, which only need the count."""
+    def _plan_validation(self) -> EvalPlan | None:
+        """This rank's share of the plain evaluation of the val split's first eval_bytes."""
         c, t = self.cfg, self.cfg.train
         if not t.eval_interval:
-            return []
-        seq_len, micro, dp = c.model.seq_len, t.micro_batch_size, self.layout.dp
-        windows = [w for w in sequential_windows(c.data.path, "val", seq_len, t.eval_bytes,
-                                                 boundary=c.data.boundary.encode()) if len(w) == seq_len]
-        count = len(windows) // (micro * dp)
-        if count == 0:
-            raise ValueError(f"the first {t.eval_bytes} bytes of the val split hold {len(windows)} whole "
-                             f"windows of {seq_len} bytes, fewer than one batch of {micro} x {dp} ranks")
-        mine = windows[self.dp_rank * count * micro:(self.dp_rank + 1) * count * micro]
-        stacked = [torch.stack(mine[i * micro:(i + 1) * micro]) for i in range(count)]
-        return list(as_batches(iter(stacked))) if self.reads_data else [None] * count
+            return None
+        data = read_split(c.data.path, "val", t.eval_bytes, boundary=c.data.boundary.encode())
+        return plan_evaluation(data, c.model.seq_len, c.model.patch_size, t.micro_batch_size, self.dp_rank,
+                               self.layout.dp, self.reads_data)
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
@@ -236,10 +227,9 @@ class Trainer:
         return record
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and bits per byte on the val split's first eval_bytes."""
-        batches = iter(self.val_batches) if self.reads_data else None
-        loss = self.engine.eval_batch(batches, num_micro_batches=len(self.val_batches)).item()
-        return {"val_loss": loss, "val_bpb": bits_per_byte(loss)}
+        """Loss and bits per byte on the val split's first eval_bytes, as `megatrain.evaluate` scores them."""
+        result = pipeline_bits_per_byte(self.engine, self.validation)
+        return {"val_loss": result["nats"] / result["bytes"], "val_bpb": result["bpb"]}
 
     def run(self) -> None:
         """Train up to train.train_steps optimizer steps (counting those of a resumed run)."""

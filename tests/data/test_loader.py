@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatrain.data import ByteStream, read_split, sequential_windows
+from megatrain.data import ByteStream, read_split
 from megatrain.data.format import FormatError, Manifest
 from tests.data.helpers import copy_dataset, edit_manifest, shard_docs, shard_files, split_stream
 
@@ -120,13 +120,9 @@ def test_boundary_follows_every_document(dataset: Path) -> None:
             assert row.numpy().tobytes() == data[window * 64 : (window + 1) * 64].tobytes()
 
 
-def test_sequential_windows_cover_the_split_in_order(dataset: Path) -> None:
+def test_read_split_gives_the_splits_first_bytes(dataset: Path) -> None:
     stream = split_stream(dataset, "val")
-    windows = list(sequential_windows(dataset, "val", 1000))
-    assert all(len(w) == 1000 for w in windows[:-1]) and 0 < len(windows[-1]) <= 1000
-    assert b"".join(w.numpy().tobytes() for w in windows) == stream
-    first = list(sequential_windows(dataset, "val", 1000, max_bytes=2500))
-    assert [len(w) for w in first] == [1000, 1000, 500]
+    assert read_split(dataset, "val").tobytes() == stream
     assert read_split(dataset, "val", 2500).tobytes() == stream[:2500]
 
 
