@@ -138,3 +138,13 @@ def test_resume_from_a_checkpoint_continues_the_run(runs, tiny_shards, tmp_path)
     resumed = pretrain("resumed", "python", 1, ["--load", str(ckpt)], tiny_shards, tmp_path)
     assert [r["step"] for r in resumed.steps] == [3, 4]
     assert max(relative_gaps(straight.losses()[2:], resumed.losses())) < 1e-6
+
+
+def test_runs_leave_no_shared_memory_behind(tiny_shards, cpu_comm, tmp_path):
+    """DeepSpeed's CPU comm op maps a 69 MB /dev/shm buffer per rank and never removes it."""
+    def buffers() -> set[Path]:
+        return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+    before = buffers()
+    pretrain("pp=2", "deepspeed", 2, ["--pp", "2", *batch(2, 2), "--train-steps", "1"], tiny_shards, tmp_path)
+    assert buffers() <= before
