@@ -65,6 +65,16 @@ def test_one_rank_resumes_bitwise(straight, tiny_shards, tmp_path):
     assert losses(resumed.dir) == {s: expected[s] for s in range(9, STEPS + 1)}
 
 
+def test_bf16_resumes_bitwise(tiny_shards, cpu_comm, tmp_path):
+    """bf16 weights, fp32 master weights and gradient accumulation: all of it is restored."""
+    bf16 = ["--set", "train.precision=bf16", "--train-steps", "4"]
+    first = pretrain("bf16", "python", 1, [*bf16, "--save-interval", "2"], tiny_shards, tmp_path / "straight")
+    resumed = pretrain("bf16 resumed", "python", 1, [*bf16, "--load", str(copy_at(first.dir / "ckpt", 2, tmp_path / "c"))],
+                       tiny_shards, tmp_path / "resumed")
+    expected = losses(first.dir)
+    assert losses(resumed.dir) == {s: expected[s] for s in (3, 4)}
+
+
 def test_pp2_tp2_resumes_bitwise(tiny_shards, cpu_comm, tmp_path):
     first = pretrain("pp2tp2", "deepspeed", 4, [*PP2_TP2, "--train-steps", "6", "--save-interval", "3"],
                      tiny_shards, tmp_path / "straight")
