@@ -90,3 +90,5 @@ def test_preallocated_cache_holds_what_appending_holds():
     assert torch.equal(preallocated.k, plain.k) and torch.equal(preallocated.v, plain.v)
     with pytest.raises(ValueError, match="cache is full"):
         preallocated.append(k, v)
+    with pytest.raises(TypeError, match="whole sequence"):
+        preallocated.next_unit(0)
