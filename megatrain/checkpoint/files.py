@@ -60,7 +60,7 @@ def resolve_tag(ckpt: str | Path) -> Path:
     return tag
 
 
-def load_file(path: Path, mmap: bool = False) -> Any:
+def load_file(path: Path, mmap: bool = False, map_location: Any = "cpu") -> Any:
     """A checkpoint file, read with `weights_only=True` (DeepSpeed's own loads unpickle
     anything); the few DeepSpeed classes its files hold are allowed by name."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -69,7 +69,7 @@ def load_file(path: Path, mmap: bool = False) -> Any:
 
     try:
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
 

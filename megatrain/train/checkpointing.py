@@ -78,7 +78,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`)."""
 
     def load(self, path: str, map_location=None):
-        return load_file(Path(path))
+        return load_file(Path(path), map_location=map_location)
 
 
 # --- checks before training ---
