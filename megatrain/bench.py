@@ -33,15 +33,10 @@ from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 from megatrain.model.decoding import PreallocatedKVCache
 from megatrain.model.layers import Block
 from megatrain.parallel.cost import model_flops_per_byte
-from megatrain.train.metrics import measure_matmul_tflops
+from megatrain.train.metrics import measure_matmul_tflops, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_BYTES = 64  # untimed generation before the timed rounds
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -11,23 +11,24 @@ from typing import Any
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """The device's dense matmul throughput in TFLOP/s, the peak that MFU is measured against."""
     n = 512 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-
-    def sync() -> None:
-        if device.type != "cpu":
-            torch.cuda.synchronize(device)
-
     for _ in range(3):
         a @ b
-    sync()
+    synchronize(device)
     start, reps = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         a @ b
         reps += 1
-    sync()
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
