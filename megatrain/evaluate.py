@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
                                    args.batch_size, args.device)
     except (OSError, ValueError) as e:
+        if dist.is_initialized():  # else gloo's threads can abort the exit
+            dist.destroy_process_group()
         parser.error(str(e))
     print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split,
                       "strided": args.strided, "sliding": args.sliding}))

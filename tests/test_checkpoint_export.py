@@ -63,6 +63,12 @@ def test_parallel_evaluation_equals_the_reference_models(parallel_run, tiny_shar
     assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
 
 
+def test_parallel_evaluation_refuses_a_layout_the_ranks_cannot_form(parallel_run, tiny_shards):
+    result = subprocess.run([sys.executable, "-m", "megatrain.evaluate", "--load", str(parallel_run / "ckpt"),
+                             "--data", str(tiny_shards), "--pp", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "pp * tp = 2 * 1 = 2 does not divide the world size 1" in result.stderr
+
+
 def test_export_bad_input(parallel_run, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         resolve_tag(tmp_path / "missing")
