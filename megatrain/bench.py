@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from collections import deque
@@ -33,16 +32,10 @@ from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 from megatrain.model.decoding import PreallocatedKVCache
 from megatrain.model.layers import Block
 from megatrain.parallel.cost import model_flops_per_byte
-from megatrain.train.metrics import measure_matmul_tflops, synchronize
+from megatrain.train.metrics import measure_matmul_tflops, peak_memory_bytes, synchronize
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_BYTES = 64  # untimed generation before the timed rounds
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's RSS high-water
 
 
 def train_throughput(cfg: MegabyteConfig, batch_size: int, steps: int, device: torch.device,

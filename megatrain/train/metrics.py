@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this process has held: allocated on the GPU, else its RSS high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -43,7 +51,7 @@ class MetricsLog:
 
     CONSOLE = (("loss", "loss {:.4f}"), ("bpb", "bpb {:.4f}"), ("val_bpb", "val_bpb {:.4f}"),
                ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3f}"), ("bytes_per_s", "{:,.0f} B/s"),
-               ("mfu", "mfu {:.2%}"))
+               ("mfu", "mfu {:.2%}"), ("peak_memory_gib", "mem {:.2f} GiB"))
 
     def __init__(self, path: str | None, log_interval: int, total_steps: int, flops_per_byte_per_device: float,
                  peak_tflops: float, monitor: Any = None) -> None:

@@ -30,7 +30,7 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import init_distributed
 from .ds_config import deepspeed_config
-from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops
+from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops, peak_memory_bytes
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
 from .signals import StopRequest
@@ -220,7 +220,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         bytes_per_s = engine.train_batch_size() * self.cfg.model.seq_len / seconds
         record = {"step": engine.global_steps, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr,
-                  "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds}
+                  "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds,
+                  "peak_memory_gib": peak_memory_bytes(engine.device) / 2**30}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

@@ -103,8 +103,9 @@ def test_metrics_lines(runs):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["samples"] for r in steps] == [4, 8, 12, 16]
     for r in steps:
-        assert {"loss", "bpb", "lr", "bytes_per_s", "grad_norm", "tflops", "mfu"} <= r.keys()
+        assert {"loss", "bpb", "lr", "bytes_per_s", "grad_norm", "tflops", "mfu", "peak_memory_gib"} <= r.keys()
         assert r["bpb"] == pytest.approx(r["loss"] / math.log(2))
+        assert 0.05 < r["peak_memory_gib"] < 8  # a Python process holding torch and the tiny model
         assert r["bytes_per_s"] > 0 and 0 < r["mfu"] < 1
     assert [r["lr"] for r in steps] == pytest.approx([3e-4, 6e-4, 9e-4, 1.2e-3])  # warmup 10, lr 3e-3
 
