@@ -2,10 +2,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from megatrain.bench import PlainTransformer, block_params, scaling
+
+from .distributed import cpu_comm  # noqa: F401  (the session fixture)
 
 
 def test_bench_json_reports_every_figure():
@@ -32,3 +35,18 @@ def test_scaling_rows():
     rows = scaling(torch.device("cpu"), torch.float32, global_dim=128, contexts=(4096, 32768))
     assert [(r["seq_len"], r["patch_size"]) for r in rows] == [(4096, 16), (32768, 32)]
     assert all(r["us_per_byte"] > 0 and r["model_flops_per_byte"] > 0 for r in rows)
+
+
+def test_gpu_check_script_runs_and_keeps_every_result(tmp_path, cpu_comm):
+    """bench/gpu_check.sh, the one prepared run for a GPU machine, here on CPU with tiny configs."""
+    repo = Path(__file__).resolve().parents[1]
+    tiny = str(repo / "configs" / "tiny.yaml")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "BENCH_CONFIG": tiny, "LONG_CONFIG": tiny,
+           "GEN_BYTES": "64", "STEPS": "2"}
+    result = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["config"] == tiny and bench["gen_bytes"] == 64 and bench["train_bytes_per_s"] > 0
+    steps = [json.loads(line) for line in (tmp_path / "1m.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["peak_memory_gib"] > 0 and s["mfu"] > 0 for s in steps)
