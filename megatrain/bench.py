@@ -1,14 +1,16 @@
-"""Single-device benchmark: training throughput, MFU, peak memory, generation speed.
+"""Single-device benchmark: training throughput, MFU, peak memory, loader and generation speed.
 
     python -m megatrain.bench [--config configs/NAME.yaml] [--json] [--steps N] [--set KEY=VALUE]
-        [--gen-bytes N] [--gen-rounds R] [--plain-dim D] [--scaling]
+        [--gen-bytes N] [--gen-rounds R] [--plain-dim D] [--data DIR] [--scaling]
 
 MFU is model FLOPs (megatrain.parallel.cost: 6 * (N_global / P + N_local) plus
 attention, per byte) times bytes/s, over the device's matmul peak measured in the
 same run. Generation (the paper's Section 5.3 setting: 8,192 bytes by default) times
 greedy decoding from an empty context with the cached decoder, with the whole model
 rerun for every byte, and with a plain byte-level transformer that keeps a key/value
-cache and has as many parameters in its transformer blocks.
+cache and has as many parameters in its transformer blocks. The loader is timed on
+`--data` (or on the standard library's modules, sharded for the purpose) against
+`zstd -d` of the same bytes (`megatrain.data.bench`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import replace
@@ -172,8 +176,23 @@ def scaling(device: torch.device, dtype: torch.dtype, global_dim: int = 256,
     return rows
 
 
+def loader_speed(data: str | None, seq_len: int) -> dict:
+    """Loader bytes/s (one rank, `megatrain.data.bench`) over up to 64 MiB of `data`'s train
+    split, or of shards of the standard library's modules built for the purpose."""
+    from megatrain.data.bench import loader_benchmark
+    from megatrain.demo import corpus_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            data = str(Path(tmp) / "shards")
+            subprocess.run([sys.executable, "-m", "data_prep.build_shards", *map(str, corpus_files()), "--output", data],
+                           cwd=REPO, check=True, capture_output=True)
+        report = loader_benchmark(data, seq_len, max_bytes=64 << 20, repeats=1)
+    return {"loader_bytes_per_s": report["loader_bytes_per_s"], "loader_vs_zstd": report["ratio"]}
+
+
 def run_benchmark(config: str, steps: int, gen_bytes: int, overrides: tuple[str, ...] = (),
-                  gen_rounds: int = 1, plain_dim: int = 0) -> dict:
+                  gen_rounds: int = 1, plain_dim: int = 0, data: str | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     run = load_config(config, overrides)
@@ -187,6 +206,7 @@ def run_benchmark(config: str, steps: int, gen_bytes: int, overrides: tuple[str,
         "train_bytes_per_s": throughput, "model_tflops": tflops, "matmul_peak_tflops": peak,
         "mfu": tflops / peak, "peak_memory_gib": peak_memory_bytes(device) / 2**30,
     }
+    result.update(loader_speed(data, cfg.seq_len))
     result.update(generation_speed(cfg, gen_bytes, device, dtype, gen_rounds, plain_dim))
     return result
 
@@ -205,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override, e.g. model.global_layers=2 (repeatable)")
     parser.add_argument("--scaling", action="store_true",
                         help="also measure the cost per byte from 8K to 1M bytes of context")
+    parser.add_argument("--data", default=None, help="shards to time the loader on (default: the standard "
+                        "library's modules, sharded into a temporary directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.gen_bytes <= 0 or args.gen_rounds <= 0 or args.plain_dim < 0:
         parser.error("need --gen-bytes and --gen-rounds positive, --plain-dim >= 0")
-    result = run_benchmark(args.config, args.steps, args.gen_bytes, tuple(args.set), args.gen_rounds, args.plain_dim)
+    result = run_benchmark(args.config, args.steps, args.gen_bytes, tuple(args.set), args.gen_rounds, args.plain_dim,
+                           args.data)
     if args.scaling:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         result["scaling"] = scaling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -21,7 +21,7 @@ def test_bench_json_reports_every_figure():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("train_bytes_per_s", "mfu", "matmul_peak_tflops", "peak_memory_gib", "gen_cached_bytes_per_s",
                 "gen_uncached_bytes_per_s", "gen_cache_speedup", "plain_transformer_bytes_per_s",
-                "gen_vs_plain_transformer"):
+                "gen_vs_plain_transformer", "loader_bytes_per_s", "loader_vs_zstd"):
         assert report[key] > 0, key
     assert 0 < report["mfu"] < 1
     assert report["overrides"] == ["model.local_layers=1"]
