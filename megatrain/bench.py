@@ -191,10 +191,16 @@ def loader_speed(data: str | None, seq_len: int) -> dict:
     return {"loader_bytes_per_s": report["loader_bytes_per_s"], "loader_vs_zstd": report["ratio"]}
 
 
+def bench_device() -> tuple[torch.device, torch.dtype]:
+    """The GPU in bf16 when there is one, else the CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
 def run_benchmark(config: str, steps: int, gen_bytes: int, overrides: tuple[str, ...] = (),
                   gen_rounds: int = 1, plain_dim: int = 0, data: str | None = None) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device()
     run = load_config(config, overrides)
     cfg, train_cfg = run.model, run.train
     peak = measure_matmul_tflops(device, dtype, seconds=1.0)
@@ -234,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(args.config, args.steps, args.gen_bytes, tuple(args.set), args.gen_rounds, args.plain_dim,
                            args.data)
     if args.scaling:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        result["scaling"] = scaling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        result["scaling"] = scaling(*bench_device())
     if args.json:
         print(json.dumps(result))
     else:

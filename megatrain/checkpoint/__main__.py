@@ -36,16 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     layout_free.add_argument("out", help="the new checkpoint directory to write")
     args = parser.parse_args(argv)
     try:
+        tag = resolve_tag(args.ckpt)
         if args.command == "convert":
-            print(f"converted {resolve_tag(args.ckpt)} to {convert(args.ckpt, args.out)}: "
+            print(f"converted {tag} to {convert(tag, args.out)}: "
                   f"launch/pretrain.py --load {args.out} resumes it at any --pp / --tp / data-parallel size")
             return 0
-        model = load_model(args.ckpt)
+        model = load_model(tag)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     save_reference(model, args.out)
     params = sum(p.numel() for p in model.parameters())
-    print(f"exported {resolve_tag(args.ckpt)} ({params:,} parameters) to {args.out}")
+    print(f"exported {tag} ({params:,} parameters) to {args.out}")
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from megatrain.config import build
 from megatrain.model import Megabyte, MegabyteConfig, layer_specs
-from megatrain.parallel.pipeline import first_local_layer
+from megatrain.parallel.pipeline import tensor_parallel_layers
 from megatrain.parallel.tensor_parallel import merge_shards
 
 from .files import (UNIVERSAL, CheckpointError, commit, is_universal, load_file, partial_tag, read_client_state,
@@ -39,8 +39,10 @@ class SavedParams:
     step: torch.Tensor
 
 
-def model_config(tag: Path) -> MegabyteConfig:
-    return build(MegabyteConfig, read_client_state(tag)["config"]["model"], source=f"{tag} (model config)")
+def model_config(tag: Path, client: dict | None = None) -> MegabyteConfig:
+    """The model config of a tag directory (from its client state, when already read)."""
+    client = read_client_state(tag) if client is None else client
+    return build(MegabyteConfig, client["config"]["model"], source=f"{tag} (model config)")
 
 
 def _layer_of(name: str) -> int:
@@ -62,13 +64,17 @@ def _read_universal(tag: Path, layers: Iterable[int], keys: tuple[str, ...]) -> 
     return SavedParams(params, load_file(tag / UNIVERSAL)["optimizer_step"])
 
 
-def _model_parallel_rank(tag: Path, mp: int, dp_size: int,
+def _param_shapes(tag: Path, mp: int) -> dict[str, torch.Size]:
+    """The shapes of one model-parallel rank's parameters, by pipeline name."""
+    path = tag / f"mp_rank_{mp:02d}_model_states.pt"
+    if not path.exists():
+        raise CheckpointError(f"{tag}: {path.name} is missing")
+    return {name: shape for group in load_file(path)["param_shapes"] for name, shape in group.items()}
+
+
+def _model_parallel_rank(tag: Path, mp: int, shapes: dict[str, torch.Size], dp_size: int,
                          keys: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """One model-parallel rank's parameters (by pipeline name) from its dp_size ZeRO partitions."""
-    model_states = tag / f"mp_rank_{mp:02d}_model_states.pt"
-    if not model_states.exists():
-        raise CheckpointError(f"{tag}: {model_states.name} is missing")
-    shapes = {name: shape for group in load_file(model_states)["param_shapes"] for name, shape in group.items()}
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {name: {key: [] for key in keys} for name in shapes}
     step = None
     for dp in range(dp_size):
@@ -91,17 +97,18 @@ def _model_parallel_rank(tag: Path, mp: int, dp_size: int,
     return params, step
 
 
-def _read_deepspeed(tag: Path, cfg: MegabyteConfig, layers: set[int], keys: tuple[str, ...]) -> SavedParams:
-    layout = read_client_state(tag)["layout"]
+def _read_deepspeed(tag: Path, cfg: MegabyteConfig, layout: dict, layers: set[int],
+                    keys: tuple[str, ...]) -> SavedParams:
     pp, tp, dp = layout["pp"], layout["tp"], layout["dp"]
-    sharded = range(1, first_local_layer(cfg))  # the global blocks; the rest is replicated
+    sharded = tensor_parallel_layers(cfg)
     params, step = {}, None
     for stage in range(pp):
-        stage_layers = {_layer_of(name) for group in load_file(tag / f"mp_rank_{stage * tp:02d}_model_states.pt")
-                        ["param_shapes"] for name in group}
-        if not stage_layers & layers:
+        ranks = range(stage * tp, (stage + 1) * tp)
+        first = _param_shapes(tag, ranks[0])
+        if not {_layer_of(name) for name in first} & layers:
             continue
-        shards = [_model_parallel_rank(tag, stage * tp + rank, dp, keys) for rank in range(tp)]
+        shapes = [first, *(_param_shapes(tag, mp) for mp in ranks[1:])]
+        shards = [_model_parallel_rank(tag, mp, rank_shapes, dp, keys) for mp, rank_shapes in zip(ranks, shapes)]
         step = shards[0][1]
         for name in shards[0][0]:
             layer, local_name = _layer_of(name), name.split(".", 1)[1]
@@ -116,11 +123,12 @@ def _read_deepspeed(tag: Path, cfg: MegabyteConfig, layers: set[int], keys: tupl
 
 def read_params(tag: Path, layers: Iterable[int] | None = None, keys: tuple[str, ...] = STATE_KEYS) -> SavedParams:
     """The whole parameters of `layers` (all when None) of a tag directory of any layout."""
-    cfg = model_config(tag)
+    client = read_client_state(tag)
+    cfg = model_config(tag, client)
     wanted = set(range(len(layer_specs(cfg)))) if layers is None else set(layers)
     if is_universal(tag):
         return _read_universal(tag, sorted(wanted), keys)
-    return _read_deepspeed(tag, cfg, wanted, keys)
+    return _read_deepspeed(tag, cfg, client["layout"], wanted, keys)
 
 
 def consolidate(ckpt: str | Path) -> tuple[MegabyteConfig, dict[str, torch.Tensor]]:
@@ -159,7 +167,8 @@ def convert(ckpt: str | Path, out: str | Path) -> Path:
     step = client["global_steps"]
     partial = out / partial_tag(step)
     partial.mkdir(parents=True)
-    layers: dict[int, dict[str, dict[str, torch.Tensor]]] = {i: {} for i in range(len(layer_specs(model_config(tag))))}
+    layers: dict[int, dict[str, dict[str, torch.Tensor]]] = {
+        i: {} for i in range(len(layer_specs(model_config(tag, client))))}
     for name, state in saved.params.items():
         _, layer, local_name = name.split(".", 2)
         layers[int(layer)][local_name] = state

@@ -125,8 +125,7 @@ class IncrementalDecoder:
                 h, x = block((h, x))
             finally:
                 hook.remove()
-            B, n, m, _ = h.shape
-            _, k, v = out[0].view(B, n, m, 3, -1, block.attn.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            _, k, v = block.attn.split_heads(out[0])
             kvs.append((k, v))
         return h, kvs
 

@@ -68,11 +68,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v, each [B, n, heads, m, head_dim], from the output of `qkv` [B, n, m, 3 * heads * head_dim]
+        (the heads being this rank's under tensor parallelism)."""
+        B, n, m, _ = qkv.shape
+        return qkv.view(B, n, m, 3, -1, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, n, m, _ = h.shape
-        heads = self.qkv.out_features // (3 * self.head_dim)  # this rank's heads under TP
-        qkv = self.qkv(h).view(B, n, m, 3, heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # each [B, n, heads, m, head_dim]
+        q, k, v = self.split_heads(self.qkv(h))
+        heads = q.shape[2]
         drop = self.dropout if self.training else 0.0
         if self.cross_patch:
             out = self._cross_patch_attention(q, k, v, drop)

@@ -33,6 +33,11 @@ def first_local_layer(cfg: MegabyteConfig) -> int:
     return 1 + cfg.global_layers
 
 
+def tensor_parallel_layers(cfg: MegabyteConfig) -> range:
+    """The layers tensor parallelism shards: the global blocks (the rest is replicated)."""
+    return range(1, first_local_layer(cfg))
+
+
 def build_layer(cfg: MegabyteConfig, index: int, seed: int) -> nn.Module:
     """Layer `index` of the reference model, initialised from a seed of its own."""
     cls, args = layer_specs(cfg)[index]
@@ -111,8 +116,8 @@ class MegabytePipeline(PipelineModule):
         return self._grid.get_slice_parallel_world_size()
 
     def _adapt(self, index: int, layer: nn.Module) -> nn.Module:
-        is_global_block = 0 < index < first_local_layer(self.config)
-        return shard_block(layer, self.tp_group) if is_global_block and self.tp_size > 1 else layer
+        sharded = index in tensor_parallel_layers(self.config) and self.tp_size > 1
+        return shard_block(layer, self.tp_group) if sharded else layer
 
     def _partition_layers(self, method: str = "parameters") -> None:
         # Called by PipelineModule.__init__: DeepSpeed's own methods cannot pin the local model.

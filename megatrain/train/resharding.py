@@ -19,7 +19,7 @@ from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_st
 
 from megatrain.checkpoint import STATE_KEYS, CheckpointError, read_params
 from megatrain.parallel import MegabytePipeline
-from megatrain.parallel.pipeline import first_local_layer
+from megatrain.parallel.pipeline import tensor_parallel_layers
 from megatrain.parallel.tensor_parallel import shard_weight
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -48,7 +48,7 @@ def _restore_lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: di
 def _this_ranks_part(module: MegabytePipeline, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of parameter `name` (a pipeline name) given whole."""
     layer, local_name = name.split(".", 1)
-    if 0 < int(layer) < first_local_layer(module.config):  # a global block: tensor-parallel
+    if int(layer) in tensor_parallel_layers(module.config):
         return shard_weight(local_name, tensor, module.tp_rank, module.tp_size)
     return tensor  # replicated on every tensor-parallel rank
 
