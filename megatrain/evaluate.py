@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatrain.data import read_split
     from megatrain.reference import load_reference
-    from megatrain.train.distributed import discover_launcher
+    from megatrain.train.distributed import discover_launcher, leave_process_group
 
     parser = argparse.ArgumentParser(prog="python -m megatrain.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a training checkpoint (any layout) or an exported .pt")
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_checkpoint(args.load, args.data, args.split, args.max_bytes, args.strided, args.sliding,
                                          args.pp or 1, args.tp or 1, args.batch_size)
-            if dist.get_rank() != 0:
+            rank = dist.get_rank()
+            leave_process_group()
+            if rank != 0:
                 return 0
         else:
             model = load_reference(args.load, args.device)
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
                                    args.batch_size, args.device)
     except (OSError, ValueError) as e:
-        if dist.is_initialized():  # else gloo's threads can abort the exit
-            dist.destroy_process_group()
+        leave_process_group(wait_for_peers=False)
         parser.error(str(e))
     print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split,
                       "strided": args.strided, "sliding": args.sliding}))

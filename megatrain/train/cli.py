@@ -9,12 +9,11 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-import torch.distributed as dist
 
 from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
-from .distributed import RendezvousError
+from .distributed import RendezvousError, leave_process_group
 from .signals import EXIT_STOPPED
 from .trainer import RunOptions, SetupError, Trainer
 
@@ -73,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(cfg, RunOptions(metrics=args.metrics, save=args.save, load=args.load,
                                           keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
+        leave_process_group()
     except (ConfigError, LayoutError, SetupError, RendezvousError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
-        if dist.is_initialized():  # else gloo's threads can abort the exit ("terminate called ...")
-            dist.destroy_process_group()
+        leave_process_group(wait_for_peers=False)
         return EXIT_SETUP_ERROR
     finally:
         if trainer is not None:

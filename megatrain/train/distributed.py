@@ -142,6 +142,18 @@ def init_distributed(timeout_s: float) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, launcher)
 
 
+def leave_process_group(wait_for_peers: bool = True) -> None:
+    """Tear the process group down before the interpreter exits: a rank that exits with
+    gloo's threads alive, or while a peer still talks to it, aborts ("terminate called
+    without an active exception") and fails a run that had finished. After a run, wait
+    for every rank first; after an error some ranks may never come, so do not wait."""
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _release_shm_buffer() -> None:
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU comm op (69 MB, made when all
     ranks share a host), which DeepSpeed never removes: every run would leave its ranks'
