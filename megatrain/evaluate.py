@@ -11,7 +11,8 @@ bytes that starts on a patch boundary:
   previous ones did not, so every byte after the first window sees seq_len - W
   bytes of context or more;
 - `--strided` (Section 2.3.3): a second pass with windows offset by P/2; each pass
-  keeps the predictions of the first half of every patch, where MEGABYTE is best.
+  keeps the predictions of the first half of every patch, where the paper's models
+  are best (loss grows along a patch as the weaker local model does more of the work).
 Both can be combined (the paper's best PG-19 figure). The last line printed is a JSON
 object with `bpb` and `bytes`.
 
