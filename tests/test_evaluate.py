@@ -46,26 +46,30 @@ def test_zero_logits_score_8_bits_per_byte():
     assert abs(result["bpb"] - 8.0) < 1e-6
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A tiny MEGABYTE trained briefly on one stdlib file, and a sample of it."""
-    train = Path(textwrap.__file__).read_bytes()
-    sample = np.frombuffer(train[:4096], dtype=np.uint8)
-    cfg = MegabyteConfig(seq_len=128, patch_size=8, global_dim=128, global_layers=2, global_heads=4,
-                         local_dim=64, local_layers=2, local_heads=4, dropout=0.0, init_std=0.02)
+def train_tiny(cfg: MegabyteConfig, data: bytes | np.ndarray, steps: int = 400) -> Megabyte:
+    """A MEGABYTE of `cfg` trained briefly (Adam, 16 windows a step) on the bytes `data`."""
     torch.manual_seed(0)
     model = Megabyte(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    data = torch.tensor(list(train))
+    data = torch.tensor(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
     gen = torch.Generator().manual_seed(0)
-    for _ in range(400):  # windows at random offsets, so no alignment is memorised
-        starts = torch.randint(len(data) - 128, (16, 1), generator=gen)
-        x = data[starts + torch.arange(128)]
+    for _ in range(steps):  # windows at random offsets, so no alignment is memorised
+        starts = torch.randint(len(data) - cfg.seq_len, (16, 1), generator=gen)
+        x = data[starts + torch.arange(cfg.seq_len)]
         loss = bytes_loss(model(x), x)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), sample
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny MEGABYTE trained briefly on one stdlib file, and a sample of it."""
+    train = Path(textwrap.__file__).read_bytes()
+    cfg = MegabyteConfig(seq_len=128, patch_size=8, global_dim=128, global_layers=2, global_heads=4,
+                         local_dim=64, local_layers=2, local_heads=4, dropout=0.0, init_std=0.02)
+    return train_tiny(cfg, train), np.frombuffer(train[:4096], dtype=np.uint8)
 
 
 def test_plain_equals_mean_loss_over_windows(trained):
@@ -127,19 +131,7 @@ def test_strided_evaluation_is_not_worse_than_plain_where_the_local_model_is_wea
     into the patch it is."""
     cfg = MegabyteConfig(seq_len=128, patch_size=8, global_dim=256, global_layers=2, global_heads=4,
                          local_dim=16, local_layers=1, local_heads=1, dropout=0.0, init_std=0.02)
-    torch.manual_seed(0)
-    model = Megabyte(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train = torch.from_numpy(sum_of_two_before(100_000, seed=0).astype(np.int64))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(400):
-        starts = torch.randint(len(train) - 128, (16, 1), generator=gen)
-        x = train[starts + torch.arange(128)]
-        loss = bytes_loss(model(x), x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny(cfg, sum_of_two_before(100_000, seed=0))
     sample = sum_of_two_before(8192, seed=1)
     plain = bits_per_byte(model, sample, 128, 8)["bpb"]
     assert plain < 1.5  # it learned the source (random bytes 'a'-'d' would be 2 bits)
