@@ -116,6 +116,15 @@ def test_short_sequences_are_padded_to_whole_patches():
     torch.testing.assert_close(model(x[:, :7]), full[:, :7])
 
 
+def test_initial_weights_have_the_configured_std_within_two_of_it():
+    """Appendix A: truncated normal, std 0.006: the weights' own spread is init_std, and
+    none lies beyond the cut (2 standard deviations of the normal before cutting)."""
+    cfg = replace(SMALL, global_dim=256, local_dim=128, init_std=0.006)
+    weights = torch.cat([p.detach().flatten() for p in model_for(cfg).parameters() if p.dim() >= 2])
+    assert weights.std().item() == pytest.approx(0.006, rel=0.01)
+    assert weights.abs().max().item() <= 2 * 0.006 / 0.8796256610342398 + 1e-9
+
+
 def test_text_1b_config_size():
     cfg = load_config(REPO / "configs" / "megabyte-text-1b.yaml").model
     with torch.device("meta"):
