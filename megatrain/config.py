@@ -25,8 +25,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    micro_batch_size: int = 1
-    grad_accum_steps: int = 1
+    micro_batch_size: int = 1  # sequences per forward on each data-parallel rank
+    grad_accum_steps: int = 1  # micro-batches per optimizer step, unless global_batch_size decides
+    # Sequences per optimizer step over all data-parallel ranks, whatever their number:
+    # grad_accum_steps becomes global_batch_size / (micro_batch_size * dp). 0: not fixed.
+    global_batch_size: int = 0
     train_steps: int = 100
     lr: float = 2e-4
     min_lr: float = 0.0
@@ -48,6 +51,27 @@ class TrainConfig:
     monitor_dir: str = "runs/monitor"
     peak_tflops: float = 0.0  # per device, for MFU; 0 measures the device's matmul peak
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys
+
+    def accumulation_steps(self, dp: int) -> int:
+        """Micro-batches per optimizer step on each of `dp` data-parallel ranks."""
+        if self.global_batch_size:
+            return self.global_batch_size // (self.micro_batch_size * dp)
+        return self.grad_accum_steps
+
+    def sequences_per_step(self, dp: int) -> int:
+        """The global batch: sequences per optimizer step over `dp` data-parallel ranks."""
+        return self.micro_batch_size * self.accumulation_steps(dp) * dp
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each inconsistency; empty when the settings are usable."""
+        out = [(name, f"must be positive, got {getattr(self, name)}")
+               for name in ("micro_batch_size", "grad_accum_steps") if getattr(self, name) < 1]
+        if self.global_batch_size < 0:
+            out.append(("global_batch_size", f"must be 0 (not fixed) or positive, got {self.global_batch_size}"))
+        elif self.global_batch_size and self.grad_accum_steps != 1:
+            out.append(("global_batch_size", f"is set ({self.global_batch_size}) and so is grad_accum_steps "
+                        f"({self.grad_accum_steps}): set one; global_batch_size derives grad_accum_steps"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,9 +116,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
             raise ConfigError(f"{path}: override {item!r}: expected key.sub=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value), source=f"{path}: override {item!r}")
     cfg = build(RunConfig, raw, source=str(path))
-    problems = cfg.model.problems()
+    problems = [("model", *p) for p in cfg.model.problems()] + [("train", *p) for p in cfg.train.problems()]
     if problems:
-        raise ConfigError("\n".join(f"{path}: model.{key}: {msg}" for key, msg in problems))
+        raise ConfigError("\n".join(f"{path}: {section}.{key}: {msg}" for section, key, msg in problems))
     return cfg
 
 

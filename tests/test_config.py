@@ -24,7 +24,7 @@ def test_paper_text_recipe():
     m, t = cfg.model, cfg.train
     assert (m.seq_len, m.patch_size, m.global_dim, m.global_layers) == (8192, 8, 2048, 14)
     assert (m.local_dim, m.local_layers, m.dropout, m.init_std) == (1024, 18, 0.1, 0.006)
-    assert t.micro_batch_size * t.grad_accum_steps == 48
+    assert [t.sequences_per_step(dp) for dp in (1, 2, 4, 8)] == [48] * 4  # the paper's batch at any dp
     assert (t.lr, t.betas, t.weight_decay, t.grad_clip, t.warmup_steps) == (2e-4, (0.9, 0.98), 0.1, 1.0, 500)
     assert load_config(REPO / "configs" / "megabyte-1m.yaml").model.seq_len == 1_048_576
 
@@ -54,6 +54,9 @@ def test_mid_stages_from_yaml(tmp_path):
     ("model:\n  seq_len: 100\n  patch_size: 8\n", [], "model.seq_len: 100 is not divisible by patch_size 8"),
     ("model:\n  global_dim: 100\n  patch_size: 8\n  seq_len: 64\n", [], "model.global_dim: 100 is not divisible by patch_size 8"),
     ("model:\n  global_heads: 3\n", [], "model.global_heads"),
+    ("train:\n  global_batch_size: 8\n  grad_accum_steps: 2\n", [], "train.global_batch_size: is set (8) and so is grad_accum_steps (2)"),
+    ("", ["train.global_batch_size=-1"], "train.global_batch_size: must be 0 (not fixed) or positive"),
+    ("", ["train.micro_batch_size=0"], "train.micro_batch_size: must be positive, got 0"),
     ("", ["model.nope=1"], "unknown key 'model.nope'"),
     ("", ["train.lr"], "expected key.sub=value"),
     ("- a\n- b\n", [], "expected a mapping"),

@@ -50,6 +50,12 @@ def layout_problems(cfg: RunConfig, world_size: int) -> list[str]:
         out.append(f"pp={pp} stages need at least {pp - 2} global layers (the first stage also "
                    f"holds the embedding, the last the local model), model.global_layers="
                    f"{m.global_layers}")
+    t = cfg.train
+    if t.global_batch_size and not world_size % (pp * tp):
+        dp = world_size // (pp * tp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            out.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
+                       f"x dp = {t.micro_batch_size} x {dp}: change either, or the number of ranks")
     if cfg.parallel.partition_method not in PARTITION_METHODS:
         out.append(f"parallel.partition_method={cfg.parallel.partition_method!r} is not one of "
                    f"{', '.join(PARTITION_METHODS)}")

@@ -23,9 +23,9 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     fp32), gradient clipping and the DeepSpeed monitors; `train.deepspeed` is merged last."""
     t = cfg.train
     config: dict[str, Any] = {
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * layout.dp,
+        "train_batch_size": t.sequences_per_step(layout.dp),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_accumulation_steps": t.accumulation_steps(layout.dp),
         "gradient_clipping": t.grad_clip,
         # elastic: the optimizer state is saved whole, so a run can resume at another dp size
         "zero_optimization": {"stage": 1, "elastic_checkpoint": True},

@@ -143,7 +143,7 @@ class Trainer:
             return None
         c, t = self.cfg, self.cfg.train
         return ByteStream(c.data.path, "train", c.model.seq_len,
-                          global_batch_size=t.micro_batch_size * t.grad_accum_steps * self.layout.dp,
+                          global_batch_size=t.sequences_per_step(self.layout.dp),
                           micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.layout.dp,
                           seed=t.seed, boundary=c.data.boundary.encode(), on_corrupt=c.data.on_corrupt,
                           prefetch=c.data.prefetch)

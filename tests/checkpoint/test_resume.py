@@ -138,8 +138,13 @@ def test_sigusr1_saves_at_the_step_all_ranks_stop(stopped_dp2):
     assert (out / "ckpt" / "latest").read_text() == f"global_step{step}"
 
 
-@pytest.mark.parametrize("launcher,ranks,options", [("env", 2, batch(2, 1)), ("python", 1, batch(4, 1)),
-                                                    ("deepspeed", 4, batch(1, 1))], ids=["dp=2", "dp=1", "dp=4"])
+FIXED_GLOBAL_BATCH = ["--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4"]
+
+
+@pytest.mark.parametrize("launcher,ranks,options", [
+    ("env", 2, batch(2, 1)), ("python", 1, batch(4, 1)), ("deepspeed", 4, batch(1, 1)),
+    ("python", 1, FIXED_GLOBAL_BATCH),  # 2 micro-batches a step, derived
+], ids=["dp=2", "dp=1", "dp=4", "dp=1 global_batch_size"])
 def test_resume_at_any_data_parallel_size_continues_the_run(stopped_dp2, straight, tiny_shards, tmp_path,
                                                             launcher, ranks, options):
     out, step, _ = stopped_dp2

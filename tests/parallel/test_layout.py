@@ -38,6 +38,14 @@ def test_bad_layouts_are_named(parallel, world, needle):
     assert needle in str(err.value)
 
 
+def test_global_batch_must_split_into_whole_micro_batches_per_rank():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.global_batch_size=24"])  # micro-batches of 4
+    assert plan_layout(cfg, 6).dp == 6
+    with pytest.raises(LayoutError, match=r"train.global_batch_size=24 is not a multiple of "
+                                          r"train.micro_batch_size x dp = 4 x 4"):
+        plan_layout(cfg, 4)
+
+
 @pytest.mark.parametrize("method", ["parameters", "flops", "uniform"])
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_local_model_stays_whole_on_the_last_stage(method, stages):

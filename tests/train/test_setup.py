@@ -43,6 +43,13 @@ def test_deepspeed_config_from_yaml():
     assert cfg.parallel.timeout_s == 30.0
 
 
+def test_global_batch_size_sets_the_accumulation_at_any_data_parallel_size():
+    cfg = load_config(TINY, ["train.micro_batch_size=2", "train.global_batch_size=16"])
+    for dp, accum in ((1, 8), (2, 4), (8, 1)):
+        ds = deepspeed_config(cfg, Layout(pp=1, tp=1, dp=dp))
+        assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, accum)
+
+
 def test_bf16_accumulates_gradients_in_fp32_and_user_keys_win():
     cfg = load_config(TINY, ["train.precision=bf16",
                              'train.deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": false}}'])
