@@ -153,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         leave_process_group(wait_for_peers=False)
         parser.error(str(e))
-    print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split,
-                      "strided": args.strided, "sliding": args.sliding}))
+    report = {"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split, "strided": args.strided,
+              "sliding": args.sliding}
+    # one write: print's two (text, newline) could let a launcher's log line in between
+    sys.stdout.write(json.dumps(report) + "\n")
     return 0
 
 

@@ -5,7 +5,8 @@
 - `launch(launcher, nprocs, args)`: `launch/pretrain.py` as a real job under the
   `deepspeed` launcher, `mpirun`, `srun`'s environment, a torchrun-style
   environment, or plain `python`; `start_ranks` / `wait_ranks` for tests that
-  need the rank processes themselves (e.g. to kill one).
+  need the rank processes themselves (e.g. to kill one), `running_ranks` when the
+  test may fail before they end.
 - fixtures: `cpu_comm` builds DeepSpeed's shared-memory comm op once before any
   multi-rank run (every rank building it at once can crash a fresh machine);
   `tiny_shards` builds a small dataset with `data_prep.build_shards`.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +26,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch.distributed as dist
@@ -164,6 +166,20 @@ def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> l
                                       stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return procs
+
+
+@contextlib.contextmanager
+def running_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> Iterator[list[subprocess.Popen]]:
+    """`start_ranks`, killing the ranks still running when the block ends: a test that fails
+    while they train must not leave them to load the rest of the suite."""
+    procs = start_ranks(launcher, nprocs, args, log_dir)
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> Job:

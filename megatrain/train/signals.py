@@ -3,7 +3,9 @@
 The first signal only sets a flag; every rank all-reduces it after each step, so all
 ranks stop after the same step even when the signal reached some of them only. A
 second signal exits at once, unless it comes within REPEAT_S of the first: Slurm's
-`scancel --signal=USR1 --full` delivers it twice, once directly and once through srun.
+`scancel --signal=USR1 --full` delivers it twice, once directly and once through srun,
+and Python runs a handler only between bytecodes, so two deliveries a moment apart
+are handled seconds apart when the second lands in a long collective or save.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
-REPEAT_S = 2.0  # a signal this soon after the first is the same request delivered twice
+REPEAT_S = 10.0  # a signal handled this soon after the first is the same request delivered twice
 
 
 class StopRequest:

@@ -24,7 +24,7 @@ from megatrain.config import config_to_dict, load_config
 from megatrain.train.checkpointing import check_resumable
 from megatrain.train.signals import EXIT_STOPPED
 
-from ..distributed import start_ranks, wait_ranks
+from ..distributed import running_ranks, start_ranks, wait_ranks
 from ..train.test_pretrain import TINY, Run, batch, pretrain, relative_gaps
 
 STEPS = 12
@@ -102,11 +102,10 @@ def run_args(shards: Path, out: Path, *options: str) -> list[str]:
 
 def test_kill_9_then_resume_gives_the_straight_losses(straight, tiny_shards, tmp_path):
     """A checkpoint every step, so a random kill often lands inside a save."""
-    procs = start_ranks("env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path)
-    wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
-    time.sleep(random.uniform(0, 0.3))
-    procs[0].kill()
-    procs[0].wait()
+    with running_ranks("env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
+        wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
+        time.sleep(random.uniform(0, 0.3))
+        procs[0].kill()  # (running_ranks waits for it)
     ckpt = tmp_path / "ckpt"
     # and a save that died half-way, its files partly written: never the latest
     (ckpt / ".partial-global_step99").mkdir(exist_ok=True)
@@ -124,10 +123,10 @@ def stopped_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> tuple[Path, int, lis
     """dp=2 run sent SIGUSR1 on rank 0 only after step 2: its directory, the step both ranks
     stopped at, and their exit codes."""
     out = tmp_path_factory.mktemp("signal")
-    procs = start_ranks("env", 2, run_args(tiny_shards, out, *batch(2, 1)), out)
-    wait_for_step(out / "metrics.jsonl", 2, procs)
-    procs[0].send_signal(signal.SIGUSR1)
-    job = wait_ranks(procs, out, timeout=120)
+    with running_ranks("env", 2, run_args(tiny_shards, out, *batch(2, 1)), out) as procs:
+        wait_for_step(out / "metrics.jsonl", 2, procs)
+        procs[0].send_signal(signal.SIGUSR1)
+        job = wait_ranks(procs, out, timeout=120)
     return out, max(losses(out)), job.rank_codes
 
 

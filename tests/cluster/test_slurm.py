@@ -31,14 +31,18 @@ class Job:
     def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def wait(self, timeout: float = 180) -> int:
+    def wait(self, timeout: float = 300) -> int:
         """The job's exit code once it has ended (requeues included); cancelled at the deadline."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            subprocess.run(["scancel", self.id], env=self.env)
-            self.proc.kill()
-            pytest.fail(f"job {self.id} still ran after {timeout} s:\n{self.output[-6000:]}")
+            self.fail(f"still ran after {timeout} s")
+
+    def fail(self, why: str) -> None:
+        """Cancel the job, so that it does not load the rest of the suite, and fail the test."""
+        subprocess.run(["scancel", self.id], env=self.env)
+        self.proc.kill()
+        pytest.fail(f"job {self.id} {why}:\n{self.output[-6000:]}")
 
 
 def steps(metrics: Path) -> list[int]:
@@ -74,11 +78,12 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tiny_shards, cpu_com
     job = Job(slurm, tmp_path / "job.out", "--ntasks=2", *pretrain(tmp_path, tiny_shards, total))
     deadline = time.monotonic() + 120
     while len(steps(metrics)) < 5:  # well into the run
-        assert job.proc.poll() is None and time.monotonic() < deadline, job.output[-6000:]
+        if job.proc.poll() is not None or time.monotonic() > deadline:
+            job.fail("did not reach step 5")
         time.sleep(0.2)
     # What a pre-emption warning does (--signal=B:USR1@120): USR1 to the batch script.
     subprocess.run(["scancel", "--signal=USR1", "--full", job.id], env=slurm, check=True)
-    assert job.wait(timeout=240) == 0, job.output[-6000:]
+    assert job.wait(timeout=420) == 0, job.output[-6000:]
     assert steps(metrics) == list(range(1, total + 1)), job.output[-6000:]  # every step exactly once
     assert "restart 1" in job.output and "restart 2" not in job.output
     saved = sorted(int(p.name.removeprefix("global_step")) for p in (tmp_path / "ckpt").glob("global_step*"))
