@@ -9,7 +9,6 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-
 from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
