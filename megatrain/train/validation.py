@@ -63,19 +63,24 @@ def pipeline_bits_per_byte(engine: Any, plan: EvalPlan) -> dict:
     return summary(loss * plan.micro_batches * plan.bytes_per_micro_batch, plan.scored_bytes)
 
 
+def evaluation_config(raw: dict, pp: int, tp: int, micro_batch_size: int, source: str) -> RunConfig:
+    """A checkpoint's run config (`raw`) set to evaluate at pp x tp in micro-batches of
+    micro_batch_size windows, one per step: its training batch settings do not apply."""
+    train = {**raw["train"], "micro_batch_size": micro_batch_size, "grad_accum_steps": 1, "global_batch_size": 0}
+    return build(RunConfig, {**raw, "train": train, "parallel": {**raw["parallel"], "pp": pp, "tp": tp}}, source)
+
+
 def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
                         sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
     """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
     data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
     hold. Every rank returns the result."""
     tag = resolve_tag(ckpt)
-    raw = read_client_state(tag)["config"]
-    cfg = build(RunConfig, {**raw, "parallel": {**raw["parallel"], "pp": pp, "tp": tp}}, source=f"{tag} (run config)")
+    cfg = evaluation_config(read_client_state(tag)["config"], pp, tp, micro_batch_size, f"{tag} (run config)")
     world = init_distributed(cfg.parallel.timeout_s)
     layout = plan_layout(cfg, world.size)
     model = MegabytePipeline(cfg.model, layout, cfg.train.seed, cfg.parallel.partition_method)
-    config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}, "gradient_accumulation_steps": 1,
-              "train_micro_batch_size_per_gpu": micro_batch_size, "train_batch_size": micro_batch_size * layout.dp}
+    config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     load_weights(engine.module, tag)
     coord = layout.topology().get_coord(world.rank)

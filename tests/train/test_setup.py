@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 from torch import nn
 
-from megatrain.config import ConfigError, load_config
+from megatrain.config import ConfigError, config_to_dict, load_config
 from megatrain.model import GlobalEmbedding, Head, StageInput
-from megatrain.parallel import Layout, reference_model
+from megatrain.parallel import Layout, plan_layout, reference_model
 from megatrain.train import deepspeed_config, lr_at, param_groups, parse_args, resolve_config
 from megatrain.train.distributed import discover_launcher
+from megatrain.train.validation import evaluation_config
 
 from ..distributed import REPO
 
@@ -48,6 +49,14 @@ def test_global_batch_size_sets_the_accumulation_at_any_data_parallel_size():
     for dp, accum in ((1, 8), (2, 4), (8, 1)):
         ds = deepspeed_config(cfg, Layout(pp=1, tp=1, dp=dp))
         assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, accum)
+
+
+def test_evaluation_runs_micro_batches_of_its_own_whatever_the_training_batch():
+    saved = config_to_dict(load_config(TINY, ["train.micro_batch_size=6", "train.global_batch_size=48"]))
+    cfg = evaluation_config(saved, pp=1, tp=1, micro_batch_size=2, source="ckpt")
+    layout = plan_layout(cfg, 5)  # training could not split 48 sequences over 5 ranks; evaluating can
+    ds = deepspeed_config(cfg, layout)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (10, 2, 1)
 
 
 def test_bf16_accumulates_gradients_in_fp32_and_user_keys_win():
