@@ -64,12 +64,17 @@ def _read_universal(tag: Path, layers: Iterable[int], keys: tuple[str, ...]) -> 
     return SavedParams(params, load_file(tag / UNIVERSAL)["optimizer_step"])
 
 
-def _param_shapes(tag: Path, mp: int) -> dict[str, torch.Size]:
-    """The shapes of one model-parallel rank's parameters, by pipeline name."""
-    path = tag / f"mp_rank_{mp:02d}_model_states.pt"
-    if not path.exists():
-        raise CheckpointError(f"{tag}: {path.name} is missing")
-    return {name: shape for group in load_file(path)["param_shapes"] for name, shape in group.items()}
+def _param_shapes(tag: Path, mp: int, client: dict) -> dict[str, torch.Size]:
+    """The shapes of one model-parallel rank's parameters, by pipeline name. Rank 0's
+    model-states file is the client state, already read: these files hold weights too."""
+    if mp == 0:
+        states = client
+    else:
+        path = tag / f"mp_rank_{mp:02d}_model_states.pt"
+        if not path.exists():
+            raise CheckpointError(f"{tag}: {path.name} is missing")
+        states = load_file(path)
+    return {name: shape for group in states["param_shapes"] for name, shape in group.items()}
 
 
 def _model_parallel_rank(tag: Path, mp: int, shapes: dict[str, torch.Size], dp_size: int,
@@ -97,17 +102,17 @@ def _model_parallel_rank(tag: Path, mp: int, shapes: dict[str, torch.Size], dp_s
     return params, step
 
 
-def _read_deepspeed(tag: Path, cfg: MegabyteConfig, layout: dict, layers: set[int],
+def _read_deepspeed(tag: Path, cfg: MegabyteConfig, client: dict, layers: set[int],
                     keys: tuple[str, ...]) -> SavedParams:
-    pp, tp, dp = layout["pp"], layout["tp"], layout["dp"]
+    pp, tp, dp = (client["layout"][k] for k in ("pp", "tp", "dp"))
     sharded = tensor_parallel_layers(cfg)
     params, step = {}, None
     for stage in range(pp):
         ranks = range(stage * tp, (stage + 1) * tp)
-        first = _param_shapes(tag, ranks[0])
+        first = _param_shapes(tag, ranks[0], client)
         if not {_layer_of(name) for name in first} & layers:
             continue
-        shapes = [first, *(_param_shapes(tag, mp) for mp in ranks[1:])]
+        shapes = [first, *(_param_shapes(tag, mp, client) for mp in ranks[1:])]
         shards = [_model_parallel_rank(tag, mp, rank_shapes, dp, keys) for mp, rank_shapes in zip(ranks, shapes)]
         step = shards[0][1]
         for name in shards[0][0]:
@@ -121,21 +126,24 @@ def _read_deepspeed(tag: Path, cfg: MegabyteConfig, layout: dict, layers: set[in
     return SavedParams(params, step)
 
 
-def read_params(tag: Path, layers: Iterable[int] | None = None, keys: tuple[str, ...] = STATE_KEYS) -> SavedParams:
-    """The whole parameters of `layers` (all when None) of a tag directory of any layout."""
-    client = read_client_state(tag)
+def read_params(tag: Path, layers: Iterable[int] | None = None, keys: tuple[str, ...] = STATE_KEYS,
+                client: dict | None = None) -> SavedParams:
+    """The whole parameters of `layers` (all when None) of a tag directory of any layout
+    (client: its client state, when already read)."""
+    client = read_client_state(tag) if client is None else client
     cfg = model_config(tag, client)
     wanted = set(range(len(layer_specs(cfg)))) if layers is None else set(layers)
     if is_universal(tag):
         return _read_universal(tag, sorted(wanted), keys)
-    return _read_deepspeed(tag, cfg, client["layout"], wanted, keys)
+    return _read_deepspeed(tag, cfg, client, wanted, keys)
 
 
 def consolidate(ckpt: str | Path) -> tuple[MegabyteConfig, dict[str, torch.Tensor]]:
     """The model config and the reference model's fp32 state dict from a checkpoint."""
     tag = resolve_tag(ckpt)
-    cfg = model_config(tag)
-    saved = read_params(tag, keys=("fp32",)).params
+    client = read_client_state(tag)
+    cfg = model_config(tag, client)
+    saved = read_params(tag, keys=("fp32",), client=client).params
     with torch.device("meta"):
         model = Megabyte(cfg)
     owners: dict[int, str] = {}  # a tied weight is saved under the first of its names
@@ -163,7 +171,7 @@ def convert(ckpt: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: not empty; convert writes a new checkpoint directory")
     client = read_client_state(tag)
-    saved = read_params(tag)
+    saved = read_params(tag, client=client)
     step = client["global_steps"]
     partial = out / partial_tag(step)
     partial.mkdir(parents=True)

@@ -53,11 +53,11 @@ def _this_ranks_part(module: MegabytePipeline, name: str, tensor: torch.Tensor) 
     return tensor  # replicated on every tensor-parallel rank
 
 
-def _saved_parts(module: MegabytePipeline, tag: Path,
-                 keys: tuple[str, ...]) -> tuple[list[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], torch.Tensor]:
+def _saved_parts(module: MegabytePipeline, tag: Path, client: dict[str, Any], keys: tuple[str, ...]
+                 ) -> tuple[list[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], torch.Tensor]:
     """Each of this rank's parameters with its part of the saved `keys`; Adam's step count."""
     params = dict(module.named_parameters())  # pipeline names: "{layer}.{name}"
-    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params}, keys)
+    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params}, keys, client)
     parts = []
     for name, param in params.items():
         if f"layers.{name}" not in saved.params:
@@ -66,9 +66,10 @@ def _saved_parts(module: MegabytePipeline, tag: Path,
     return parts, saved.step
 
 
-def load_weights(module: MegabytePipeline, tag: Path) -> None:
-    """The checkpoint's fp32 weights into a pipeline module of any layout (for evaluation)."""
-    parts, _ = _saved_parts(module, tag, ("fp32",))
+def load_weights(module: MegabytePipeline, tag: Path, client: dict[str, Any]) -> None:
+    """The checkpoint's fp32 weights (client: its client state) into a pipeline module of
+    any layout (for evaluation)."""
+    parts, _ = _saved_parts(module, tag, client, ("fp32",))
     with torch.no_grad():
         for param, part in parts:
             param.copy_(part["fp32"])
@@ -77,7 +78,7 @@ def load_weights(module: MegabytePipeline, tag: Path) -> None:
 def load_resharded(engine: Any, tag: Path, client: dict[str, Any]) -> None:
     """Load the checkpoint in `tag` (client: its client state) into a pipeline engine of
     any layout, to train on."""
-    parts, step = _saved_parts(engine.module, tag, STATE_KEYS)
+    parts, step = _saved_parts(engine.module, tag, client, STATE_KEYS)
     _create_adam_state(engine.optimizer, step)
     with torch.no_grad():
         for param, part in parts:

@@ -76,13 +76,14 @@ def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | N
     data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
     hold. Every rank returns the result."""
     tag = resolve_tag(ckpt)
-    cfg = evaluation_config(read_client_state(tag)["config"], pp, tp, micro_batch_size, f"{tag} (run config)")
+    client = read_client_state(tag)
+    cfg = evaluation_config(client["config"], pp, tp, micro_batch_size, f"{tag} (run config)")
     world = init_distributed(cfg.parallel.timeout_s)
     layout = plan_layout(cfg, world.size)
     model = MegabytePipeline(cfg.model, layout, cfg.train.seed, cfg.parallel.partition_method)
     config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    load_weights(engine.module, tag)
+    load_weights(engine.module, tag, client)
     coord = layout.topology().get_coord(world.rank)
     data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
     plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data, layout.dp,
