@@ -26,9 +26,13 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """The device's dense matmul throughput in TFLOP/s, the peak that MFU is measured against."""
+    """The device's dense matmul throughput in TFLOP/s, the peak that MFU is measured against.
+
+    Its matrices come from a generator of its own: rank 0 alone measures, and drawing from
+    the training streams would give it other dropout masks than its tensor-parallel peers."""
     n = 512 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     for _ in range(3):
         a @ b
     synchronize(device)
