@@ -137,9 +137,17 @@ def init_distributed(timeout_s: float) -> World:
     local_rank = int(os.environ["LOCAL_RANK"])
     if get_accelerator().device_name() == "cpu":
         _release_shm_buffer()
-    else:
+    else:  # before any collective: barriers and object collectives use the current device
         get_accelerator().set_device(local_rank)
     return World(dist.get_rank(), dist.get_world_size(), local_rank, launcher)
+
+
+def agree(value: int, op: dist.ReduceOp = dist.ReduceOp.MAX) -> int:
+    """`value` reduced by `op` over every rank (a collective: call it on each).
+    The tensor lives on the accelerator's current device: NCCL has no CPU tensors."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=get_accelerator().current_device_name())
+    dist.all_reduce(tensor, op=op)
+    return int(tensor.item())
 
 
 def leave_process_group(wait_for_peers: bool = True) -> None:

@@ -14,8 +14,9 @@ import os
 import signal
 import time
 
-import torch
 import torch.distributed as dist
+
+from .distributed import agree
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
@@ -38,6 +39,4 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (a collective: call it on every rank)."""
-        flag = torch.tensor([1 if self.signal is not None else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(agree(int(self.signal is not None), dist.ReduceOp.MAX))
