@@ -3,20 +3,22 @@
 - `layout`: pp x tp x dp on the world, validated before any work;
 - `tensor_parallel`: column/row-parallel linears for the global blocks;
 - `patch_parallel`: the local model run on each tensor-parallel rank's share of the patches;
+- `streams`: the random stream of each tensor-parallel rank (sharded attention, local model);
 - `pipeline`: the PipelineModule that puts them together;
 - `cost`: parameters and FLOPs per layer (partitioning, MFU).
 """
 
 from .cost import LayerCost, layer_costs, model_flops_per_byte
 from .layout import Layout, LayoutError, layout_problems, plan_layout
-from .patch_parallel import (LocalRandomStream, PatchParallelLoss, PatchShare, SplitPatches, patch_share,
-                             run_on_share)
+from .patch_parallel import PatchParallelLoss, PatchShare, SplitPatches, patch_share, run_on_share
 from .pipeline import MegabytePipeline, build_layer, first_local_layer, pipeline_parts, reference_model
+from .streams import rank_stream_state, run_in_rank_stream, seed_rank_stream, set_rank_stream_state
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_block
 
 __all__ = [
     "LayerCost", "layer_costs", "model_flops_per_byte", "Layout", "LayoutError", "layout_problems",
-    "plan_layout", "LocalRandomStream", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
+    "plan_layout", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
     "run_on_share", "MegabytePipeline", "build_layer", "first_local_layer", "pipeline_parts", "reference_model",
-    "ColumnParallelLinear", "RowParallelLinear", "shard_block",
+    "ColumnParallelLinear", "RowParallelLinear", "shard_block", "rank_stream_state", "run_in_rank_stream",
+    "seed_rank_stream", "set_rank_stream_state",
 ]

@@ -13,9 +13,9 @@ own 1/tp share of the K patches of every sequence:
 - the local parameters are replicated, so their gradients are summed over the group
   (`MegabytePipeline` hands them to the engine's tied-gradient all-reduce) as well
   as averaged over data parallelism;
-- dropout in the local model draws from a random stream of each rank's own
-  (`LocalRandomStream`), so that the ranks' patches get independent masks while the
-  global model's stream advances alike on every rank of the group.
+- dropout in the local model draws from the random stream of each rank's own
+  (`streams.run_in_rank_stream`), so that the ranks' patches get independent masks
+  while the global model's stream advances alike on every rank of the group.
 
 With cross-patch attention (r > 0) a patch depends on its predecessor at every
 local layer, so each rank also recomputes a halo of preceding patches, as many as
@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from megatrain.model import VOCAB_SIZE, MegabyteConfig
 
+from .streams import run_in_rank_stream
 from .tensor_parallel import copy_to_group
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -118,36 +118,9 @@ class PatchParallelLoss:
         return share + (total - share.detach())
 
 
-class LocalRandomStream:
-    """A random stream for the local model alone, per tensor-parallel rank (as Megatron's RNG
-    tracker): `enter` (a pre-hook of the first local layer) swaps it in, `leave` (a hook of
-    the last) swaps the outer stream back. The global model's activations are replicated
-    over the group, so its dropout masks must stay identical on every rank, whatever the
-    local model (e.g. a halo on some ranks only) has drawn."""
-
-    def __init__(self, seed: int, rank: int) -> None:
-        accelerator = self.accelerator = get_accelerator()
-        outer = accelerator.get_rng_state()
-        accelerator.manual_seed(seed * 1_000_003 + 500_009 + rank)  # apart from the layers' init seeds
-        self.state, self.outer = accelerator.get_rng_state(), outer
-        accelerator.set_rng_state(outer)
-
-    def enter(self, module: nn.Module, args: tuple) -> None:
-        self.outer = self.accelerator.get_rng_state()
-        self.accelerator.set_rng_state(self.state)
-
-    def leave(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.state = self.accelerator.get_rng_state()
-        self.accelerator.set_rng_state(self.outer)
-
-
-def run_on_share(local_layers: list[nn.Module], share: PatchShare, group: dist.ProcessGroup,
-                 seed: int) -> LocalRandomStream:
+def run_on_share(local_layers: list[nn.Module], share: PatchShare, group: dist.ProcessGroup) -> None:
     """Make the local model (its layers, first to last) run on this rank's share of the
-    patches, with a random stream of its own (returned: a checkpoint must keep its state);
-    the layers themselves are unchanged."""
-    stream = LocalRandomStream(seed, share.rank)
+    patches, in the rank's random stream (`seed_rank_stream` seeds it); the layers
+    themselves are unchanged."""
     local_layers[0].register_forward_pre_hook(SplitPatches(share, group))
-    local_layers[0].register_forward_pre_hook(stream.enter)
-    local_layers[-1].register_forward_hook(stream.leave)
-    return stream
+    run_in_rank_stream(local_layers[0], local_layers[-1])

@@ -6,7 +6,8 @@ from its own seed so that every layout starts from the same weights as
 their code:
 
 - the global blocks are cut into pipeline stages; on each stage their linears are
-  swapped for tensor-parallel shards (`shard_block`);
+  swapped for tensor-parallel shards (`shard_block`), their attention (this rank's
+  heads) running in the rank's own random stream (`streams`);
 - the local model (the first StageInput to the Head) is small and stays whole on the
   last stage, where every tensor-parallel rank runs it on its share of the patches
   (`patch_parallel`).
@@ -24,7 +25,8 @@ from megatrain.model import Megabyte, MegabyteConfig, layer_specs, tie_local_emb
 
 from .cost import layer_costs
 from .layout import Layout
-from .patch_parallel import LocalRandomStream, PatchParallelLoss, patch_share, run_on_share
+from .patch_parallel import PatchParallelLoss, patch_share, run_on_share
+from .streams import run_in_rank_stream, seed_rank_stream
 from .tensor_parallel import shard_block
 
 
@@ -39,10 +41,13 @@ def tensor_parallel_layers(cfg: MegabyteConfig) -> range:
 
 
 def build_layer(cfg: MegabyteConfig, index: int, seed: int) -> nn.Module:
-    """Layer `index` of the reference model, initialised from a seed of its own."""
+    """Layer `index` of the reference model, initialised on the CPU from a seed of its own.
+
+    Only the CPU generator is seeded, and restored after: `torch.manual_seed` would also
+    reseed every GPU's generator, which fork_rng(devices=[]) leaves unrestored."""
     cls, args = layer_specs(cfg)[index]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + index) % 2**63)
+        torch.default_generator.manual_seed((seed * 1_000_003 + index) % 2**63)
         return cls(*args)
 
 
@@ -93,13 +98,14 @@ class MegabytePipeline(PipelineModule):
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
                  partition_method: str = "parameters", activation_checkpoint_interval: int = 0) -> None:
-        self.config, self.seed = cfg, seed
+        self.config = cfg
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          checkpointable_layers=["StageBlock"])
         self._local_params: list[nn.Parameter] = []
-        self.local_stream: LocalRandomStream | None = None  # the local model's dropout stream (tp > 1)
+        if self.tp_size > 1:
+            seed_rank_stream(seed, self.tp_rank)
         if self.stage_id == self.num_stages - 1:
             self._set_up_local_model()
 
@@ -116,8 +122,10 @@ class MegabytePipeline(PipelineModule):
         return self._grid.get_slice_parallel_world_size()
 
     def _adapt(self, index: int, layer: nn.Module) -> nn.Module:
-        sharded = index in tensor_parallel_layers(self.config) and self.tp_size > 1
-        return shard_block(layer, self.tp_group) if sharded else layer
+        if index not in tensor_parallel_layers(self.config) or self.tp_size == 1:
+            return layer
+        run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
+        return shard_block(layer, self.tp_group)
 
     def _partition_layers(self, method: str = "parameters") -> None:
         # Called by PipelineModule.__init__: DeepSpeed's own methods cannot pin the local model.
@@ -137,7 +145,7 @@ class MegabytePipeline(PipelineModule):
         share = patch_share(self.config, self.tp_rank, self.tp_size)
         self.loss_fn = PatchParallelLoss(share, self.tp_group)
         if self.tp_size > 1:
-            self.local_stream = run_on_share(local, share, self.tp_group, self.seed)
+            run_on_share(local, share, self.tp_group)
             self._local_params = list(nn.ModuleList(local).parameters())
 
     def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, object]]:

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import megatrain
 from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag
-from megatrain.parallel import MegabytePipeline
+from megatrain.parallel import rank_stream_state, set_rank_stream_state
+from megatrain.parallel.streams import STREAM
 
 _STEP_TAG = re.compile(r"global_step(\d+)")
 
@@ -41,24 +43,42 @@ def code_version() -> dict[str, str | None]:
 
 # --- RNG state of one rank: saved beside DeepSpeed's files, one small file per rank ---
 
-def rng_state(model: MegabytePipeline) -> dict[str, Any]:
+def device_rng_states() -> list[torch.Tensor]:
+    """The generator of every accelerator device (none on CPU, whose generator is torch's):
+    on a GPU dropout draws from the device's generator."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return []
+    return [accelerator.get_rng_state(i) for i in range(accelerator.device_count())]
+
+
+def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(),
             # numpy's state as plain tensors and numbers, loadable with weights_only=True
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "gauss": gauss},
             "torch": torch.get_rng_state(),
-            "local_stream": model.local_stream.state if model.local_stream is not None else None}
+            "devices": device_rng_states(),
+            "rank_stream": rank_stream_state()}
 
 
-def set_rng_state(model: MegabytePipeline, state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved; checkpoints from before the device generators and
+    the rank stream were saved (which held the local model's stream alone) still load."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if model.local_stream is not None and state["local_stream"] is not None:
-        model.local_stream.state = state["local_stream"]
+    accelerator = get_accelerator()
+    for index, device_state in enumerate(state.get("devices", [])[:accelerator.device_count()]):
+        accelerator.set_rng_state(device_state, index)
+    rank_stream = state.get("rank_stream")
+    if rank_stream is None and state.get("local_stream") is not None:
+        rank_stream = {STREAM: state["local_stream"]}
+    if rank_stream:
+        set_rank_stream_state(rank_stream)
 
 
 def rng_file(tag_dir: Path, stage: int, tp_rank: int, dp_rank: int) -> Path:

@@ -24,7 +24,7 @@ from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, read_split
 from megatrain.data.format import Manifest
-from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout
+from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout, seed_rank_stream
 
 from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
@@ -169,7 +169,7 @@ class Trainer:
         save_dir, step = Path(self.options.save), self.engine.global_steps
         partial = partial_tag(step)
         self.engine.save_checkpoint(str(save_dir), tag=partial, client_state=self.client_state(), save_latest=False)
-        torch.save(checkpointing.rng_state(self.engine.module),
+        torch.save(checkpointing.rng_state(),
                    checkpointing.rng_file(save_dir / partial, self.stage, self.tp_rank, self.dp_rank))
         dist.barrier()
         if self.world.rank == 0:
@@ -185,6 +185,8 @@ class Trainer:
             load_resharded(self.engine, tag, client)
             # no RNG state fits another layout: new streams, not a replay of step 0's
             seed_everything(self.cfg.train.seed + self.engine.global_steps)
+            if self.layout.tp > 1:
+                seed_rank_stream(self.cfg.train.seed + self.engine.global_steps, self.tp_rank)
         else:
             self._load_same_layout(tag, same_dp=saved["dp"] == self.layout.dp)
         # ZeRO's elastic and our resharded loads restore the schedule but not the groups' learning rates
@@ -209,7 +211,7 @@ class Trainer:
                                              param_shapes=engine._get_zero_param_shapes())
         rng = checkpointing.load_rng_file(tag, self.stage, self.tp_rank, self.dp_rank)
         if rng is not None:
-            checkpointing.set_rng_state(engine.module, rng)
+            checkpointing.set_rng_state(rng)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over a global batch; its metrics."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
+import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,8 +13,9 @@ from torch import nn
 
 from megatrain.model import (MegabyteConfig, StageConfig, StageInput, bytes_loss, layer_specs,
                              tie_local_embedding)
-from megatrain.parallel import (ColumnParallelLinear, PatchParallelLoss, RowParallelLinear, SplitPatches,
-                                build_layer, first_local_layer, patch_share, run_on_share, shard_block)
+from megatrain.parallel import (ColumnParallelLinear, Layout, MegabytePipeline, PatchParallelLoss, RowParallelLinear, SplitPatches,
+                                build_layer, first_local_layer, patch_share, rank_stream_state, run_in_rank_stream,
+                                run_on_share, seed_rank_stream, shard_block)
 from megatrain.parallel.tensor_parallel import BLOCK_SPLITS, merge_shards, shard_weight
 
 from ..distributed import run_ranks
@@ -106,7 +108,7 @@ def patch_parallel_local_model(rank: int, size: int, name: str) -> dict[str, flo
 
 def random_streams(rank: int, size: int) -> dict[str, bool]:
     """With dropout and a halo on one rank only, does the outer (global model's) random stream
-    stay identical over the group, with and without the local model's own stream?"""
+    stay identical over the group, with and without the rank's own stream for the local model?"""
     cfg, group = replace(LOCAL_VARIANTS["cross_patch"], dropout=0.5), dist.group.WORLD
     torch.manual_seed(0)
     h = torch.randn(2, 1, cfg.num_patches, cfg.global_dim, dtype=torch.float64)
@@ -115,7 +117,8 @@ def random_streams(rank: int, size: int) -> dict[str, bool]:
     for own_stream in (False, True):
         layers, share = local_layers(cfg).train(), patch_share(cfg, rank, size)
         if own_stream:
-            stream = run_on_share(layers, share, group, SEED)
+            seed_rank_stream(SEED, rank)
+            run_on_share(layers, share, group)
         else:
             layers[0].register_forward_pre_hook(SplitPatches(share, group))
         torch.manual_seed(1)
@@ -124,13 +127,50 @@ def random_streams(rank: int, size: int) -> dict[str, bool]:
         dist.all_gather_object(states, torch.get_rng_state())
         out[f"outer stream in sync, own stream {own_stream}"] = all(torch.equal(s, states[0]) for s in states)
         if own_stream:
-            dist.all_gather_object(states, stream.state)
-            out["local streams differ"] = not torch.equal(states[0], states[1])
+            dist.all_gather_object(states, rank_stream_state())
+            out["local streams differ"] = not torch.equal(*(s["model-parallel-rng"] for s in states))
+    return out
+
+
+def attention_dropout_masks(rank: int, size: int) -> dict[str, bool]:
+    """A sharded block whose heads are all alike (the same q, k and v), with attention dropout:
+    head j of each rank then gives the same output exactly when its dropout mask is the same."""
+    cfg = replace(SMALL, dropout=0.5)
+    block = build_layer(cfg, 1, SEED)
+    with torch.no_grad():
+        qkv = block.attn.qkv.weight.view(3, cfg.global_heads, -1, cfg.global_dim)
+        qkv.copy_(qkv[:, :1].expand_as(qkv))
+    torch.manual_seed(0)
+    h = torch.randn(2, 1, cfg.num_patches, cfg.global_dim)
+    x = torch.zeros(2, cfg.seq_len, dtype=torch.long)
+    out = {}
+    for how in ("shared stream", "own stream", "pipeline"):
+        if how == "pipeline":  # as MegabytePipeline shards it: with the rank's stream
+            deepspeed.init_distributed("gloo", verbose=False)
+            pipeline = MegabytePipeline(cfg, Layout(pp=1, tp=size, dp=1), SEED)
+            sharded = pipeline.forward_funcs[1].train()
+            with torch.no_grad():
+                sharded.attn.qkv.weight.copy_(shard_weight("attn.qkv.weight", block.attn.qkv.weight, rank, size))
+        else:
+            sharded = shard_block(copy.deepcopy(block), dist.group.WORLD).train()
+        if how == "own stream":
+            seed_rank_stream(SEED, rank)
+            run_in_rank_stream(sharded.attn)
+        heads = []
+        sharded.attn.proj.register_forward_pre_hook(lambda m, args: heads.append(args[0]))
+        torch.manual_seed(1)
+        sharded((h, x))
+        gathered, states = [None] * size, [None] * size
+        dist.all_gather_object(gathered, heads[0])
+        dist.all_gather_object(states, torch.get_rng_state())
+        out[f"heads' masks differ over ranks, {how}"] = not torch.equal(*gathered)
+        out[f"outer stream in sync, {how}"] = torch.equal(*states)
     return out
 
 
 def all_checks(rank: int, size: int) -> dict:
     return {"tp": tensor_parallel_block(rank, size), "rng": random_streams(rank, size),
+            "attention_rng": attention_dropout_masks(rank, size),
             "local": {name: patch_parallel_local_model(rank, size, name) for name in LOCAL_VARIANTS}}
 
 
@@ -152,6 +192,14 @@ def test_local_dropout_keeps_the_global_random_stream_in_sync(per_rank):
     for checks in (r["rng"] for r in per_rank):
         assert checks == {"outer stream in sync, own stream False": False,  # the halo drew more
                           "outer stream in sync, own stream True": True, "local streams differ": True}
+
+
+def test_sharded_attention_dropout_draws_masks_of_each_ranks_own(per_rank):
+    for checks in (r["attention_rng"] for r in per_rank):
+        assert checks == {"heads' masks differ over ranks, shared stream": False,  # head j alike everywhere
+                          "outer stream in sync, shared stream": True,
+                          "heads' masks differ over ranks, own stream": True, "outer stream in sync, own stream": True,
+                          "heads' masks differ over ranks, pipeline": True, "outer stream in sync, pipeline": True}
 
 
 @pytest.mark.parametrize("name", list(LOCAL_VARIANTS))
