@@ -149,3 +149,13 @@ def test_runs_leave_no_shared_memory_behind(tiny_shards, cpu_comm, tmp_path):
     before = buffers()
     pretrain("pp=2", "deepspeed", 2, ["--pp", "2", *batch(2, 2), "--train-steps", "1"], tiny_shards, tmp_path)
     assert buffers() <= before
+
+
+def test_activation_checkpointing_recomputes_the_rank_streams_dropout_masks(tiny_shards, cpu_comm, tmp_path):
+    """At tp=2 the sharded attention draws from each rank's own stream: recomputing a checkpointed
+    block must draw the forward's masks again, or its gradients (and the losses after) change."""
+    options = ["--tp", "2", *batch(2, 2), "--train-steps", "3", "--set", "model.dropout=0.1"]
+    plain = pretrain("tp=2 dropout", "env", 2, options, tiny_shards, tmp_path / "plain")
+    recomputed = pretrain("tp=2 dropout, checkpointed", "env", 2,
+                          [*options, "--set", "train.activation_checkpointing=true"], tiny_shards, tmp_path / "ac")
+    assert recomputed.losses(3) == plain.losses(3)
