@@ -116,7 +116,7 @@ class Trainer:
         self.engine.checkpoint_engine = SafeCheckpointEngine()
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
-        if resume_tag is not None:  # last: what came before may draw random numbers (e.g. measuring peak FLOPs)
+        if resume_tag is not None:  # last: no setup step draws from the restored streams
             self.load(resume_tag)
         self.stop = StopRequest()
         self.stopped = False  # set when a signal ended the run early
