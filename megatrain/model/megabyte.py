@@ -15,16 +15,20 @@ need no gradient when a pipeline sends them between stages.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VOCAB_SIZE, MegabyteConfig
+from .config import VOCAB_SIZE, MegabyteConfig, StageConfig
 from .layers import Block, CausalConvEncoder
 
 State = tuple[torch.Tensor, torch.Tensor]
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # an exported model folder
 
 
 # The standard deviation of a standard normal cut at +-2: cutting narrows the spread.
@@ -178,6 +182,35 @@ class Megabyte(nn.Module):
         for layer in self.layers:
             state = layer(state)
         return state[:, :T]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `model.safetensors` (fp32) and `config.json` into `directory`."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        save_model(self.float(), str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Megabyte":
+        """Load a folder written by `save_pretrained` (`python -m megatrain.checkpoint export CKPT DIR`):
+        safetensors weights and a JSON config, no pickle."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: no {name} (not an exported megatrain model folder)")
+        raw = json.loads((directory / CONFIG_FILE).read_text())
+        try:
+            stages = tuple(StageConfig(**stage) for stage in raw.pop("mid_stages", ()))
+            cfg = MegabyteConfig(**raw, mid_stages=stages)
+        except TypeError as e:
+            raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
+        model = cls(cfg)
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        return model.to(device).eval()
 
 
 def bytes_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
