@@ -22,6 +22,8 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import VOCAB_SIZE, MegabyteConfig, StageConfig
@@ -184,32 +186,32 @@ class Megabyte(nn.Module):
         return state[:, :T]
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write `model.safetensors` (fp32) and `config.json` into `directory`."""
-        from safetensors.torch import save_model
-
+        """Write `model.safetensors` (the weights in their dtype; a tied weight once) and
+        `config.json` into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
-        save_model(self.float(), str(directory / WEIGHTS_FILE))
+        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Megabyte":
         """Load a folder written by `save_pretrained` (`python -m megatrain.checkpoint export CKPT DIR`):
         safetensors weights and a JSON config, no pickle."""
-        from safetensors.torch import load_model
-
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory}: no {name} (not an exported megatrain model folder)")
-        raw = json.loads((directory / CONFIG_FILE).read_text())
         try:
+            raw = json.loads((directory / CONFIG_FILE).read_text())
             stages = tuple(StageConfig(**stage) for stage in raw.pop("mid_stages", ()))
             cfg = MegabyteConfig(**raw, mid_stages=stages)
-        except TypeError as e:
-            raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE}: not a MEGABYTE config ({e})") from None
         model = cls(cfg)
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        try:
+            load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        except (SafetensorError, RuntimeError) as e:  # a damaged file, or weights of another shape
+            raise ValueError(f"{directory / WEIGHTS_FILE}: {e}") from None
         return model.to(device).eval()
 
 
