@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zstd-level", type=int, default=3)
     p.add_argument("--workers", type=int, default=1, help="processes per rank")
     p.add_argument("--modality", choices=MODALITIES, default="text")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet or datasets column holding the text")
     p.add_argument("--image-size", type=int, default=64, help="images are resized to N x N RGB")
     p.add_argument("--patch-size", type=int, default=192, help="model patch size P: pixel blocks of sqrt(P/3)")
     p.add_argument("--strict", action="store_true", help="a bad input file, line or image is fatal")

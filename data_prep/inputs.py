@@ -21,6 +21,7 @@ from data_prep.modalities import AUDIO_SUFFIXES, IMAGE_SUFFIXES, image_bytes, wa
 
 MODALITIES = ("text", "image", "audio")
 COMPRESSION_SUFFIXES = (".zst", ".gz")
+DATASET_STATE, DATASET_DICT = "state.json", "dataset_dict.json"  # datasets' save_to_disk folders
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def expand_inputs(inputs: Sequence[str], exclude: Path | None = None) -> list[In
         if root.is_dir():
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = [d for d in dirnames if Path(dirpath, d).resolve() != excluded]
-                for filename in filenames:
+                for filename in _saved_dataset_files(Path(dirpath), filenames):
                     path = Path(dirpath, filename)
                     source = Path(name, path.relative_to(root)).as_posix()
                     found.append((source, position, _listed(path, source)))
@@ -77,6 +78,25 @@ def expand_inputs(inputs: Sequence[str], exclude: Path | None = None) -> list[In
             raise FileNotFoundError(f"input {arg!r} does not exist")
     found.sort(key=lambda item: item[:2])
     return [f for _, _, f in found]
+
+
+def _saved_dataset_files(directory: Path, filenames: list[str]) -> list[str]:
+    """The files of a folder that hold documents: of a `datasets` `save_to_disk` folder
+    (a Dataset's `state.json`, or a DatasetDict's `dataset_dict.json`) only its Arrow
+    tables, not the metadata beside them."""
+    if DATASET_DICT in filenames:
+        return [name for name in filenames if name != DATASET_DICT]
+    if DATASET_STATE not in filenames:
+        return filenames
+    try:
+        state = json.loads(Path(directory, DATASET_STATE).read_text())
+        return [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{directory / DATASET_STATE}: not a datasets save_to_disk state ({e})") from None
+
+
+def _is_saved_dataset_table(path: str) -> bool:
+    return path.endswith(".arrow") and Path(path).with_name(DATASET_STATE).is_file()
 
 
 def _listed(path: Path, source: str) -> InputFile:
@@ -138,6 +158,8 @@ def read_documents(f: InputFile, options: DocOptions) -> Iterator[Doc | Skip]:
             yield from _jsonl_documents(f, options.text_field)
         elif suffix == ".parquet":
             yield from _parquet_documents(f, options.text_field)
+        elif _is_saved_dataset_table(f.path):
+            yield from _arrow_documents(f, options.text_field)
         else:
             yield Doc(_read_all(f.path), f.source)  # .txt and any other file: its bytes
     except ImportError:
@@ -172,9 +194,29 @@ def _parquet_documents(f: InputFile, column: str) -> Iterator[Doc | Skip]:
     import pyarrow.parquet as pq
 
     source = f.path if not f.path.endswith(COMPRESSION_SUFFIXES) else io.BytesIO(_read_all(f.path))
-    table = pq.ParquetFile(source)
+    yield from _column_documents(f, column, pq.ParquetFile(source).iter_batches(columns=[column]))
+
+
+def _arrow_documents(f: InputFile, column: str) -> Iterator[Doc | Skip]:
+    """A `datasets` save_to_disk table: an Arrow IPC stream (older versions: an IPC file)."""
+    import pyarrow as pa
+
+    with pa.memory_map(f.path) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+        if column not in reader.schema.names:
+            raise ValueError(f"no column {column!r} (--text-field); columns: {', '.join(reader.schema.names)}")
+        batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (
+            reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield from _column_documents(f, column, (batch.select([column]) for batch in batches))
+
+
+def _column_documents(f: InputFile, column: str, batches: Iterator) -> Iterator[Doc | Skip]:
+    """One document per row of a table's text (or binary) column."""
     row = 0
-    for batch in table.iter_batches(columns=[column]):
+    for batch in batches:
         for value in batch.column(0).to_pylist():
             if isinstance(value, str):
                 yield Doc(value.encode("utf-8"), f"{f.source}[{row}]")

@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from megatrain.config import load_config
-from megatrain.generate import generate
 from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
-from megatrain.model.decoding import PreallocatedKVCache
+from megatrain.model.decoding import PreallocatedKVCache, generate
 from megatrain.model.layers import Block
 from megatrain.parallel.cost import model_flops_per_byte
 from megatrain.train.metrics import measure_matmul_tflops, peak_memory_bytes, synchronize

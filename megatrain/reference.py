@@ -1,7 +1,8 @@
 """The single-device reference model on disk: one fp32 state dict plus its config.
 
-This is what `python -m megatrain.checkpoint export` writes and what evaluation
-and generation load. Files are read with `torch.load(weights_only=True)`.
+This is what `python -m megatrain.checkpoint export` writes (a `.pt` file, or a
+safetensors folder: `Megabyte.from_pretrained`) and what evaluation, generation and
+the lm-eval model load. Files are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from megatrain.config import ConfigError, build, config_to_dict
 from megatrain.model import Megabyte, MegabyteConfig
+from megatrain.model.megabyte import CONFIG_FILE
 
 
 def save_reference(model: Megabyte, path: str | Path) -> None:
@@ -20,10 +22,12 @@ def save_reference(model: Megabyte, path: str | Path) -> None:
 
 
 def load_reference(path: str | Path, device: str | torch.device = "cpu") -> Megabyte:
-    """Load an exported model file, or a training checkpoint directory of any layout."""
+    """Load an exported model file or folder, or a training checkpoint directory of any layout."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    if (path / CONFIG_FILE).is_file():
+        return Megabyte.from_pretrained(path, device)
     if path.is_dir():
         from megatrain.checkpoint import load_model
 

@@ -12,6 +12,7 @@ import torch
 from megatrain.checkpoint import CheckpointError, load_model, resolve_tag
 from megatrain.data import read_split
 from megatrain.evaluate import bits_per_byte
+from megatrain.model import Megabyte, StageInput
 from megatrain.reference import load_reference
 
 from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
@@ -80,3 +81,42 @@ def test_export_bad_input(parallel_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", str(tmp_path / "none"),
                              str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "none: no such checkpoint directory" in result.stderr
+
+
+def test_safetensors_export_is_a_folder_to_publish(parallel_run, tiny_shards):
+    """export CKPT DIR: safetensors + config.json + model card, loaded with no pickle to the same weights."""
+    out = parallel_run / "published"
+    result = subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", str(parallel_run / "ckpt"),
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    with pytest.MonkeyPatch.context() as patch:  # no pickle anywhere: torch.load would fail
+        patch.setattr(torch, "load", None)
+        model = Megabyte.from_pretrained(out)
+    direct = load_model(parallel_run / "ckpt")
+    for (name, a), b in zip(model.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), name
+    local_input = [layer for layer in model.layers if isinstance(layer, StageInput)][-1]
+    assert model.layers[-1].out.weight is local_input.byte_embed.weight  # still tied after loading
+    last = json.loads((parallel_run / "metrics.jsonl").read_text().splitlines()[-1])
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    card = (out / "README.md").read_text()
+    assert f"| validation bits per byte | {last['val_bpb']:.4f} |" in card
+    assert f"| training steps | {last['step']} |" in card
+    assert manifest["fingerprint"] in card and "| seq_len | `256` |" in card
+    # evaluate and generate take the folder
+    evaluate = subprocess.run([sys.executable, "-m", "megatrain.evaluate", "--load", str(out), "--data",
+                               str(tiny_shards), "--max-bytes", str(VAL_BYTES)], capture_output=True, text=True,
+                              timeout=120)
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert json.loads(evaluate.stdout.splitlines()[-1])["bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    generate = subprocess.run([sys.executable, "-m", "megatrain.generate", "--load", str(out), "--prompt", "ab",
+                               "--max-bytes", "5", "--seed", "0"], capture_output=True, timeout=120)
+    assert generate.returncode == 0, generate.stderr
+    # --format safetensors writes a folder whatever its name; a folder missing its config is named
+    subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", "--format", "safetensors",
+                    str(parallel_run / "ckpt"), str(parallel_run / "as_dir.pt")], check=True, timeout=120)
+    assert (parallel_run / "as_dir.pt" / "model.safetensors").is_file()
+    (out / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Megabyte.from_pretrained(out)

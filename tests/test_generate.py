@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatrain.generate import context_start, generate
+from megatrain.model.decoding import context_start, generate
 from megatrain.reference import save_reference
 
 from .model.test_megabyte import VARIANTS, fit, model_for

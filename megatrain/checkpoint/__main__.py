@@ -1,13 +1,16 @@
 """Checkpoint tools.
 
     python -m megatrain.checkpoint export CKPT OUT.pt
+    python -m megatrain.checkpoint export CKPT DIR        (or --format safetensors)
     python -m megatrain.checkpoint convert CKPT OUT
 
 CKPT is a training run's `--save` directory (its `latest` tag is used) or one tag
 directory in it, of any pipeline / tensor / data-parallel layout. `export` writes one
 fp32 state dict plus the model config that `megatrain.reference.load_reference`
 (and so `megatrain.evaluate` / `megatrain.generate`) loads into the reference
-`Megabyte`. `convert` writes the whole training state (fp32 weights, Adam moments,
+`Megabyte`; to a folder (any OUT not ending in `.pt`, or `--format safetensors`) it
+writes `model.safetensors`, `config.json` and a `README.md` model card, a folder to
+publish as it is, which `Megabyte.from_pretrained(DIR)` loads without pickle. `convert` writes the whole training state (fp32 weights, Adam moments,
 step counts, LR schedule, data position) in a layout-free form to the new directory
 OUT, which `launch/pretrain.py --load OUT` resumes at any --pp / --tp / data-parallel
 size. (`--load` also reads another layout's checkpoint directly; `convert` makes the
@@ -21,6 +24,7 @@ import argparse
 import sys
 
 from . import convert, load_model, resolve_tag
+from .publish import export_pretrained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="one fp32 state dict + config for the reference model")
     export.add_argument("ckpt", help="a --save directory or one of its tag directories")
-    export.add_argument("out", help="the .pt file to write")
+    export.add_argument("out", help="the .pt file, or the folder, to write")
+    export.add_argument("--format", choices=("pt", "safetensors"), default=None,
+                        help="default: pt when OUT ends in .pt, else safetensors (a folder)")
     layout_free = commands.add_parser("convert", help="the training state in a form any layout can --load")
     layout_free.add_argument("ckpt", help="a --save directory or one of its tag directories")
     layout_free.add_argument("out", help="the new checkpoint directory to write")
@@ -41,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {tag} to {convert(tag, args.out)}: "
                   f"launch/pretrain.py --load {args.out} resumes it at any --pp / --tp / data-parallel size")
             return 0
-        model = load_model(tag)
+        if (args.format or ("pt" if args.out.endswith(".pt") else "safetensors")) == "safetensors":
+            model = export_pretrained(tag, args.out)
+        else:
+            model = load_model(tag)
+            save_reference(model, args.out)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    save_reference(model, args.out)
     params = sum(p.numel() for p in model.parameters())
     print(f"exported {tag} ({params:,} parameters) to {args.out}")
     return 0

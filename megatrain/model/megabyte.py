@@ -15,16 +15,22 @@ need no gradient when a pipeline sends them between stages.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .config import VOCAB_SIZE, MegabyteConfig
+from .config import VOCAB_SIZE, MegabyteConfig, StageConfig
 from .layers import Block, CausalConvEncoder
 
 State = tuple[torch.Tensor, torch.Tensor]
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # an exported model folder
 
 
 # The standard deviation of a standard normal cut at +-2: cutting narrows the spread.
@@ -178,6 +184,35 @@ class Megabyte(nn.Module):
         for layer in self.layers:
             state = layer(state)
         return state[:, :T]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `model.safetensors` (the weights in their dtype; a tied weight once) and
+        `config.json` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Megabyte":
+        """Load a folder written by `save_pretrained` (`python -m megatrain.checkpoint export CKPT DIR`):
+        safetensors weights and a JSON config, no pickle."""
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: no {name} (not an exported megatrain model folder)")
+        try:
+            raw = json.loads((directory / CONFIG_FILE).read_text())
+            stages = tuple(StageConfig(**stage) for stage in raw.pop("mid_stages", ()))
+            cfg = MegabyteConfig(**raw, mid_stages=stages)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE}: not a MEGABYTE config ({e})") from None
+        model = cls(cfg)
+        try:
+            load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        except (SafetensorError, RuntimeError) as e:  # a damaged file, or weights of another shape
+            raise ValueError(f"{directory / WEIGHTS_FILE}: {e}") from None
+        return model.to(device).eval()
 
 
 def bytes_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

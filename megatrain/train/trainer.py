@@ -116,6 +116,7 @@ class Trainer:
         self.engine.checkpoint_engine = SafeCheckpointEngine()
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
+        self.val_bpb: float | None = None  # the last validation's
         if resume_tag is not None:  # last: no setup step draws from the restored streams
             self.load(resume_tag)
         self.stop = StopRequest()
@@ -162,7 +163,8 @@ class Trainer:
         data = self.train_data.state_dict() if self.train_data is not None else None
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
-                "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version()}
+                "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
+                "val_bpb": self.val_bpb}
 
     def save(self) -> None:
         """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
@@ -192,6 +194,7 @@ class Trainer:
         # ZeRO's elastic and our resharded loads restore the schedule but not the groups' learning rates
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
+        self.val_bpb = client.get("val_bpb")
         data = client.get("data")
         if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
             self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
@@ -245,6 +248,7 @@ class Trainer:
             step = record["step"]
             if t.eval_interval and step % t.eval_interval == 0:
                 record.update(self.evaluate())
+                self.val_bpb = record["val_bpb"]  # the model card's, when exported
             if self.metrics:
                 self.metrics.write(record)
             if save and t.save_interval and step % t.save_interval == 0:

@@ -163,3 +163,26 @@ def test_output_inside_an_input_tree_is_not_read_back(tmp_path: Path) -> None:
     first = dataset_files(corpus / "shards")
     assert build([corpus], corpus / "shards") == 0  # its own shards must not become inputs
     assert dataset_files(corpus / "shards") == first
+
+
+def test_a_datasets_save_to_disk_folder_is_an_input(tmp_path: Path) -> None:
+    """A Dataset (two Arrow tables) and a DatasetDict written by `datasets` itself, with --text-field."""
+    import datasets
+
+    texts = ["first ünïcødé ✓", "", "third\nwith a newline", "字节 fourth", "fifth"]
+    table = datasets.Dataset.from_dict({"body": texts, "id": list(range(len(texts)))})
+    table.save_to_disk(str(tmp_path / "in" / "ds"), num_shards=2)
+    datasets.DatasetDict({"train": table.select([0, 1]), "test": table.select([4])}).save_to_disk(
+        str(tmp_path / "in" / "dd"))
+    assert build([tmp_path / "in"], tmp_path / "out", "--text-field", "body") == 0
+    docs = dict(shard_docs(tmp_path / "out"))
+    assert sorted(docs.values()) == sorted(t.encode() for t in [*texts, texts[0], texts[1], texts[4]])
+    assert docs["in/ds/data-00001-of-00002.arrow[0]"] == texts[3].encode()  # shard 1 holds rows 3-4
+    assert not any(source.endswith(".json") for source in docs)  # the metadata is no document
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped"] == 0
+    # a wrong --text-field: each table is skipped, the reason naming the field
+    assert build([tmp_path / "in" / "ds"], tmp_path / "bad", "--text-field", "text") == 0
+    bad = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+    assert bad["skipped"] == 2 and bad["shards"] == []
+    assert all("no column 'text' (--text-field)" in skip["reason"] for skip in bad["skipped_examples"])

@@ -34,7 +34,7 @@ def batch(micro: int, accum: int) -> list[str]:
 
 # name: (launcher, ranks, options); the global batch is micro * accum * dp = 4 in all.
 LAYOUTS = {
-    "1 rank": ("python", 1, [*EVAL, "--save-interval", "2"]),
+    "1 rank": ("python", 1, [*EVAL, "--save-interval", "2", "--set", "train.monitor=[tensorboard]"]),
     "dp=2": ("mpirun", 2, batch(2, 1)),
     "pp=2": ("srun", 2, ["--pp", "2", *batch(2, 2)]),
     "tp=2": ("env", 2, ["--tp", "2", *batch(2, 2), *EVAL]),
@@ -122,6 +122,20 @@ def test_deepspeed_monitor_writes_csv(runs):
     run = runs("pp=2 x dp=2")
     losses = run.dir / "monitor" / "megatrain" / "Train_Samples_loss.csv"
     assert len(losses.read_text().splitlines()) == 1 + STEPS
+
+
+def test_deepspeed_monitor_writes_tensorboard_events(runs):
+    """TensorBoard's own reader finds every step's numbers, at x = samples seen (DeepSpeed's axis)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = runs("1 rank")
+    events = EventAccumulator(str(run.dir / "monitor" / "megatrain"))
+    events.Reload()
+    for key in ("loss", "bpb", "lr", "mfu", "val_bpb"):
+        logged = {e.step: e.value for e in events.Scalars(f"Train/Samples/{key}")}
+        expected = {r["samples"]: r[key] for r in run.steps if key in r}
+        assert logged.keys() == expected.keys() and len(expected) >= (2 if key == "val_bpb" else STEPS), key
+        assert [logged[x] for x in expected] == pytest.approx(list(expected.values()), rel=1e-6), key
 
 
 def test_acceptance_pp2_tp2_trains_with_falling_loss(runs):
