@@ -7,15 +7,13 @@
   environment, or plain `python`; `start_ranks` / `wait_ranks` for tests that
   need the rank processes themselves (e.g. to kill one), `running_ranks` when the
   test may fail before they end.
-- fixtures: `cpu_comm` builds DeepSpeed's shared-memory comm op once before any
-  multi-rank run (every rank building it at once can crash a fresh machine);
-  `tiny_shards` builds a small dataset with `data_prep.build_shards`.
+- the session fixtures `cpu_comm` and `tiny_shards` live in tests/conftest.py (there,
+  each runs once per session; imported into several conftests, once per import).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -28,7 +26,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -42,25 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def cpu_comm() -> None:
-    """Build DeepSpeed's CPU comm op once, before any rank of any test needs it (in a
-    process of its own: this one's accelerator is left alone)."""
-    subprocess.run([sys.executable, "-c", "from megatrain.train.distributed import build_cpu_comm_op; "
-                    "build_cpu_comm_op()"], env={**os.environ, **CPU_ENV}, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train and val shards of some of the standard library's .py files (bytes every machine has)."""
-    stdlib = Path(json.__file__).parents[1]
-    files = sorted(str(p) for pkg in ("json", "email", "asyncio", "collections") for p in (stdlib / pkg).glob("*.py"))
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", str(out),
-                    "--val-fraction", "0.1", "--seed", "0"], cwd=REPO, check=True, capture_output=True)
-    return out
 
 
 # One thread per rank: the test models are far too small to gain from more, and

@@ -14,7 +14,7 @@ from megatrain.data import read_split
 from megatrain.evaluate import bits_per_byte
 from megatrain.reference import load_reference
 
-from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
+from .distributed import REPO, launch
 
 SEQ = 256  # tiny.yaml's seq_len
 VAL_BYTES = 8 * SEQ + 100  # the validation's last window is short: padded, its padding unscored

@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-from .distributed import cpu_comm  # noqa: F401  (session fixture)
-
 
 def test_demo_runs_every_stage_and_reports(cpu_comm, tmp_path):
     run_dir = tmp_path / "demo"

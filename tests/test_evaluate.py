@@ -15,7 +15,6 @@ from megatrain.evaluate import bits_per_byte, plan_windows
 from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 from megatrain.reference import save_reference
 
-from .distributed import tiny_shards  # noqa: F401  (session fixture)
 
 
 @pytest.mark.parametrize("n", [1, 5, 64, 100, 257])
