@@ -3,8 +3,9 @@
 - `run_ranks(fn, world_size, *args)`: fn(rank, world_size, *args) in fresh spawned
   processes that share a gloo process group; returns each rank's result.
 - `launch(launcher, nprocs, args)`: `launch/pretrain.py` as a real job under the
-  `deepspeed` launcher, `mpirun`, `srun`'s environment, a torchrun-style
-  environment, or plain `python`; `start_ranks` / `wait_ranks` for tests that
+  `deepspeed` launcher, `mpirun` or plain `python`, or as rank processes started
+  here with the variables a launcher would set ("slurm-env": srun's, the real `srun`
+  is run by tests/cluster/test_slurm.py; "torchrun-env": torchrun's); `start_ranks` / `wait_ranks` for tests that
   need the rank processes themselves (e.g. to kill one), `running_ranks` when the
   test may fail before they end.
 - the session fixtures `cpu_comm` and `tiny_shards` live in tests/conftest.py (there,
@@ -116,12 +117,12 @@ def _launcher_command(launcher: str, nprocs: int, port: int) -> list[str]:
 
 
 def _rank_env(launcher: str, rank: int, nprocs: int, port: int) -> dict[str, str]:
-    """What `srun` or torchrun would set for one rank."""
-    if launcher == "srun":
+    """What `srun` ("slurm-env") or torchrun ("torchrun-env") would set for one rank."""
+    if launcher == "slurm-env":
         return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(nprocs),
                 "SLURM_STEP_NUM_TASKS": str(nprocs), "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port)}
-    if launcher == "env":
+    if launcher == "torchrun-env":
         return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     raise ValueError(f"unknown per-rank launcher {launcher!r}")
@@ -134,7 +135,8 @@ def _base_env(nprocs: int, port: int) -> dict[str, str]:
 
 
 def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
-    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s or torchrun's environment."""
+    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s ("slurm-env") or torchrun's
+    ("torchrun-env") environment."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -178,8 +180,9 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> 
 def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 300,
            program: tuple[str, ...] = (str(PRETRAIN),)) -> Job:
     """Run `launch/pretrain.py args` (or another program) on `nprocs` ranks started by
-    `launcher`: deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
-    if launcher in ("srun", "env"):
+    `launcher`: deepspeed, mpirun, python (one rank), slurm-env or torchrun-env (rank processes
+    started here with srun's or torchrun's variables)."""
+    if launcher in ("slurm-env", "torchrun-env"):
         assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
         return wait_ranks(start_ranks(launcher, nprocs, args, log_dir), log_dir, timeout)
     port = free_port()

@@ -102,7 +102,7 @@ def run_args(shards: Path, out: Path, *options: str) -> list[str]:
 
 def test_kill_9_then_resume_gives_the_straight_losses(straight, tiny_shards, tmp_path):
     """A checkpoint every step, so a random kill often lands inside a save."""
-    with running_ranks("env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
+    with running_ranks("torchrun-env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
         wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
         time.sleep(random.uniform(0, 0.3))
         procs[0].kill()  # (running_ranks waits for it)
@@ -123,7 +123,7 @@ def stopped_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> tuple[Path, int, lis
     """dp=2 run sent SIGUSR1 on rank 0 only after step 2: its directory, the step both ranks
     stopped at, and their exit codes."""
     out = tmp_path_factory.mktemp("signal")
-    with running_ranks("env", 2, run_args(tiny_shards, out, *batch(2, 1)), out) as procs:
+    with running_ranks("torchrun-env", 2, run_args(tiny_shards, out, *batch(2, 1)), out) as procs:
         wait_for_step(out / "metrics.jsonl", 2, procs)
         procs[0].send_signal(signal.SIGUSR1)
         job = wait_ranks(procs, out, timeout=120)
@@ -141,7 +141,7 @@ FIXED_GLOBAL_BATCH = ["--set", "train.micro_batch_size=2", "--set", "train.globa
 
 
 @pytest.mark.parametrize("launcher,ranks,options", [
-    ("env", 2, batch(2, 1)), ("python", 1, batch(4, 1)), ("deepspeed", 4, batch(1, 1)),
+    ("torchrun-env", 2, batch(2, 1)), ("python", 1, batch(4, 1)), ("deepspeed", 4, batch(1, 1)),
     ("python", 1, FIXED_GLOBAL_BATCH),  # 2 micro-batches a step, derived
 ], ids=["dp=2", "dp=1", "dp=4", "dp=1 global_batch_size"])
 def test_resume_at_any_data_parallel_size_continues_the_run(stopped_dp2, straight, tiny_shards, tmp_path,
@@ -231,7 +231,7 @@ def test_other_dataset_fails_the_run_before_training(straight, tiny_shards, tmp_
     some_of_the_same_files = Path(json.__file__).parent
     subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(some_of_the_same_files), "--output", str(other)],
                    check=True, capture_output=True)
-    procs = start_ranks("env", 1, run_args(other, tmp_path, "--load", str(straight.dir / "ckpt")), tmp_path)
+    procs = start_ranks("torchrun-env", 1, run_args(other, tmp_path, "--load", str(straight.dir / "ckpt")), tmp_path)
     job = wait_ranks(procs, tmp_path, timeout=120)
     assert job.returncode == 2 and "--allow-data-change" in job.output
     assert not (tmp_path / "metrics.jsonl").exists()

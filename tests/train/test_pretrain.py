@@ -36,8 +36,8 @@ def batch(micro: int, accum: int) -> list[str]:
 LAYOUTS = {
     "1 rank": ("python", 1, [*EVAL, "--save-interval", "2"]),
     "dp=2": ("mpirun", 2, batch(2, 1)),
-    "pp=2": ("srun", 2, ["--pp", "2", *batch(2, 2)]),
-    "tp=2": ("env", 2, ["--tp", "2", *batch(2, 2), *EVAL]),
+    "pp=2": ("slurm-env", 2, ["--pp", "2", *batch(2, 2)]),
+    "tp=2": ("torchrun-env", 2, ["--tp", "2", *batch(2, 2), *EVAL]),
     "pp=2 x dp=2": ("deepspeed", 4, ["--pp", "2", *batch(1, 2), *EVAL, "--set", "train.activation_checkpointing=true",
                                      "--set", "train.monitor=[csv]"]),
     # the acceptance command of the training issue, unchanged
