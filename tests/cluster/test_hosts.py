@@ -19,6 +19,9 @@ import pytest
 
 from ..distributed import PRETRAIN, REPO, free_port
 
+# the first test also starts the cluster (installing its packages on a fresh machine)
+pytestmark = pytest.mark.timeout(1800)
+
 STEPS = 4
 BIN = Path(sys.executable).parent
 # pp=2 with 2 micro-batches of 2: the 1-rank run's global batch of 4.
