@@ -42,6 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A free port can be taken by another program between free_port and the rendezvous that
+# binds it: a launch that failed so is started again on a new port, up to PORT_TRIES times.
+PORT_TRIES = 3
+
+
+def lost_its_port(output: str) -> bool:
+    return "address already in use" in output.lower()
+
+
 # One thread per rank: the test models are far too small to gain from more, and
 # spinning OpenMP threads of several ranks on a few shared cores slow everything down.
 THREADS = "1"
@@ -63,15 +72,27 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
             dist.destroy_process_group()
 
 
+class PortLost(Exception):
+    pass
+
+
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` spawned ranks; their results by rank.
 
     fn must be importable (a module-level function); a failing rank fails the call
     with its traceback, and no rank outlives the call.
     """
+    for _ in range(PORT_TRIES - 1):
+        try:
+            return _run_ranks_once(fn, world_size, args, timeout, free_port())
+        except PortLost:
+            pass
+    return _run_ranks_once(fn, world_size, args, timeout, free_port())
+
+
+def _run_ranks_once(fn: Callable, world_size: int, args: tuple, timeout: float, port: int) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results))
              for r in range(world_size)]
     for p in procs:
@@ -82,7 +103,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
         while len(out) < world_size:
             rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
             if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise (PortLost if lost_its_port(value) else AssertionError)(f"rank {rank} failed:\n{value}")
             out[rank] = value
     finally:
         for p in procs:
@@ -134,10 +155,11 @@ def _base_env(nprocs: int, port: int) -> dict[str, str]:
     return {**env, **CPU_ENV, "OMP_NUM_THREADS": THREADS, "MASTER_PORT": str(port)}
 
 
-def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
+def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path,
+                port: int | None = None) -> list[subprocess.Popen]:
     """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s ("slurm-env") or torchrun's
     ("torchrun-env") environment."""
-    port = free_port()
+    port = port or free_port()
     procs = []
     for rank in range(nprocs):
         env = {**_base_env(nprocs, port), **_rank_env(launcher, rank, nprocs, port)}
@@ -182,10 +204,18 @@ def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: 
     """Run `launch/pretrain.py args` (or another program) on `nprocs` ranks started by
     `launcher`: deepspeed, mpirun, python (one rank), slurm-env or torchrun-env (rank processes
     started here with srun's or torchrun's variables)."""
+    for _ in range(PORT_TRIES - 1):
+        job = _launch_once(launcher, nprocs, args, log_dir, timeout, program, free_port())
+        if job.returncode == 0 or not lost_its_port(job.output):
+            return job
+    return _launch_once(launcher, nprocs, args, log_dir, timeout, program, free_port())
+
+
+def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float,
+                 program: tuple[str, ...], port: int) -> Job:
     if launcher in ("slurm-env", "torchrun-env"):
         assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
-        return wait_ranks(start_ranks(launcher, nprocs, args, log_dir), log_dir, timeout)
-    port = free_port()
+        return wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
     start = time.monotonic()
     proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), *program, *args],
                             cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
