@@ -115,13 +115,14 @@ def _run_ranks_once(fn: Callable, world_size: int, args: tuple, timeout: float, 
 
 @dataclass
 class Job:
-    """A finished launch: its exit code (each rank's, where the test started them) and the
-    output of every process."""
+    """A finished launch: its exit code (each rank's, where the test started them), the
+    output of every process and the master port its ranks met at."""
 
     returncode: int
     output: str
     seconds: float
     rank_codes: list[int] | None = None
+    port: int | None = None
 
 
 def _launcher_command(launcher: str, nprocs: int, port: int) -> list[str]:
@@ -215,7 +216,8 @@ def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, tim
                  program: tuple[str, ...], port: int) -> Job:
     if launcher in ("slurm-env", "torchrun-env"):
         assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
-        return wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
+        job = wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
+        return Job(job.returncode, job.output, job.seconds, job.rank_codes, port)
     start = time.monotonic()
     proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), *program, *args],
                             cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
@@ -226,4 +228,4 @@ def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, tim
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         output, code = proc.communicate()[0], 124
-    return Job(code, output, time.monotonic() - start)
+    return Job(code, output, time.monotonic() - start, port=port)
