@@ -147,3 +147,28 @@ def test_runs_leave_no_shared_memory_behind(tiny_shards, cpu_comm, tmp_path):
     the machine may make theirs meanwhile."""
     run = pretrain("pp=2", "deepspeed", 2, ["--pp", "2", *batch(2, 2), "--train-steps", "1"], tiny_shards, tmp_path)
     assert run.job.port and not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{run.job.port}_*"))
+
+
+def optimizer_state_elements(ckpt: Path) -> list[int]:
+    """Each data-parallel rank's optimizer state in the latest checkpoint (ZeRO's per-rank
+    optim_states files): elements of every tensor it holds (fp32 master weights, Adam moments)."""
+    def elements(obj: object) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel()
+        if isinstance(obj, dict):
+            return sum(elements(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(elements(v) for v in obj)
+        return 0
+
+    step = ckpt / (ckpt / "latest").read_text()
+    files = sorted(step.glob("*optim_states.pt"))
+    assert files, f"no ZeRO optimizer state files in {step}"
+    return [elements(torch.load(f, map_location="cpu", weights_only=False)) for f in files]
+
+
+def test_zero1_partitions_the_optimizer_state_over_data_parallel_ranks(runs):
+    """ZeRO stage 1: at dp=2 each rank keeps about half of the one-rank optimizer state."""
+    (whole,) = optimizer_state_elements(runs("1 rank").dir / "ckpt")
+    halves = optimizer_state_elements(runs("dp=2").dir / "ckpt")
+    assert len(halves) == 2 and all(0.45 < h / whole < 0.55 for h in halves), (whole, halves)
