@@ -212,6 +212,14 @@ def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: 
     return _launch_once(launcher, nprocs, args, log_dir, timeout, program, free_port())
 
 
+def start_launcher(launcher: str, nprocs: int, command: list[str], port: int) -> subprocess.Popen:
+    """`launcher` (deepspeed, mpirun, python) running `command` in a session of its own (so
+    that killing its group ends every rank), output piped as text."""
+    return subprocess.Popen([*_launcher_command(launcher, nprocs, port), *command], cwd=REPO,
+                            env=_base_env(nprocs, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
 def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float,
                  program: tuple[str, ...], port: int) -> Job:
     if launcher in ("slurm-env", "torchrun-env"):
@@ -219,9 +227,7 @@ def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, tim
         job = wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
         return Job(job.returncode, job.output, job.seconds, job.rank_codes, port)
     start = time.monotonic()
-    proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), *program, *args],
-                            cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_launcher(launcher, nprocs, [*program, *args], port)
     try:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode

@@ -8,6 +8,7 @@ is the reference for all layouts without dropout (as in tests/train).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -24,7 +25,7 @@ from megatrain.config import config_to_dict, load_config
 from megatrain.train.checkpointing import check_resumable
 from megatrain.train.signals import EXIT_STOPPED
 
-from ..distributed import running_ranks, start_ranks, wait_ranks
+from ..distributed import PRETRAIN, free_port, running_ranks, start_launcher, start_ranks, wait_ranks
 from ..train.test_pretrain import TINY, Run, batch, pretrain, relative_gaps
 
 STEPS = 12
@@ -135,6 +136,24 @@ def test_sigusr1_saves_at_the_step_all_ranks_stop(stopped_dp2):
     assert codes == [EXIT_STOPPED, EXIT_STOPPED]
     assert 2 <= step < STEPS
     assert (out / "ckpt" / "latest").read_text() == f"global_step{step}"
+
+
+def test_sigterm_to_the_deepspeed_launcher_stops_its_ranks_with_a_checkpoint(tiny_shards, cpu_comm, tmp_path):
+    """Pre-emption as a scheduler does it: SIGTERM to every process of a real `deepspeed`
+    launch of dp=2 (the runner, DeepSpeed's launch.py, the ranks). On one node the runner
+    itself forwards nothing: SIGTERM to it alone leaves the ranks training to the end."""
+    proc = start_launcher("deepspeed", 2, [str(PRETRAIN), *run_args(tiny_shards, tmp_path, *batch(2, 1))],
+                          free_port())
+    try:
+        wait_for_step(tmp_path / "metrics.jsonl", 2, [proc])
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = max(losses(tmp_path))
+    assert 2 <= step < STEPS, output[-4000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{step}", output[-4000:]
 
 
 FIXED_GLOBAL_BATCH = ["--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4"]
