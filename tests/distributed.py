@@ -3,19 +3,18 @@
 - `run_ranks(fn, world_size, *args)`: fn(rank, world_size, *args) in fresh spawned
   processes that share a gloo process group; returns each rank's result.
 - `launch(launcher, nprocs, args)`: `launch/pretrain.py` as a real job under the
-  `deepspeed` launcher, `mpirun`, `srun`'s environment, a torchrun-style
-  environment, or plain `python`; `start_ranks` / `wait_ranks` for tests that
+  `deepspeed` launcher, `mpirun` or plain `python`, or as rank processes started
+  here with the variables a launcher would set ("slurm-env": srun's, the real `srun`
+  is run by tests/cluster/test_slurm.py; "torchrun-env": torchrun's); `start_ranks` / `wait_ranks` for tests that
   need the rank processes themselves (e.g. to kill one), `running_ranks` when the
   test may fail before they end.
-- fixtures: `cpu_comm` builds DeepSpeed's shared-memory comm op once before any
-  multi-rank run (every rank building it at once can crash a fresh machine);
-  `tiny_shards` builds a small dataset with `data_prep.build_shards`.
+- the session fixtures `cpu_comm` and `tiny_shards` live in tests/conftest.py (there,
+  each runs once per session; imported into several conftests, once per import).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -28,7 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -44,23 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def cpu_comm() -> None:
-    """Build DeepSpeed's CPU comm op once, before any rank of any test needs it (in a
-    process of its own: this one's accelerator is left alone)."""
-    subprocess.run([sys.executable, "-c", "from megatrain.train.distributed import build_cpu_comm_op; "
-                    "build_cpu_comm_op()"], env={**os.environ, **CPU_ENV}, check=True, capture_output=True)
+# A free port can be taken by another program between free_port and the rendezvous that
+# binds it: a launch that failed so is started again on a new port, up to PORT_TRIES times.
+PORT_TRIES = 3
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train and val shards of some of the standard library's .py files (bytes every machine has)."""
-    stdlib = Path(json.__file__).parents[1]
-    files = sorted(str(p) for pkg in ("json", "email", "asyncio", "collections") for p in (stdlib / pkg).glob("*.py"))
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", str(out),
-                    "--val-fraction", "0.1", "--seed", "0"], cwd=REPO, check=True, capture_output=True)
-    return out
+def lost_its_port(output: str) -> bool:
+    return "address already in use" in output.lower()
 
 
 # One thread per rank: the test models are far too small to gain from more, and
@@ -84,15 +72,27 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
             dist.destroy_process_group()
 
 
+class PortLost(Exception):
+    pass
+
+
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` spawned ranks; their results by rank.
 
     fn must be importable (a module-level function); a failing rank fails the call
     with its traceback, and no rank outlives the call.
     """
+    for _ in range(PORT_TRIES - 1):
+        try:
+            return _run_ranks_once(fn, world_size, args, timeout, free_port())
+        except PortLost:
+            pass
+    return _run_ranks_once(fn, world_size, args, timeout, free_port())
+
+
+def _run_ranks_once(fn: Callable, world_size: int, args: tuple, timeout: float, port: int) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results))
              for r in range(world_size)]
     for p in procs:
@@ -103,7 +103,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
         while len(out) < world_size:
             rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
             if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise (PortLost if lost_its_port(value) else AssertionError)(f"rank {rank} failed:\n{value}")
             out[rank] = value
     finally:
         for p in procs:
@@ -115,13 +115,14 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120) -
 
 @dataclass
 class Job:
-    """A finished launch: its exit code (each rank's, where the test started them) and the
-    output of every process."""
+    """A finished launch: its exit code (each rank's, where the test started them), the
+    output of every process and the master port its ranks met at."""
 
     returncode: int
     output: str
     seconds: float
     rank_codes: list[int] | None = None
+    port: int | None = None
 
 
 def _launcher_command(launcher: str, nprocs: int, port: int) -> list[str]:
@@ -138,12 +139,12 @@ def _launcher_command(launcher: str, nprocs: int, port: int) -> list[str]:
 
 
 def _rank_env(launcher: str, rank: int, nprocs: int, port: int) -> dict[str, str]:
-    """What `srun` or torchrun would set for one rank."""
-    if launcher == "srun":
+    """What `srun` ("slurm-env") or torchrun ("torchrun-env") would set for one rank."""
+    if launcher == "slurm-env":
         return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(nprocs),
                 "SLURM_STEP_NUM_TASKS": str(nprocs), "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port)}
-    if launcher == "env":
+    if launcher == "torchrun-env":
         return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     raise ValueError(f"unknown per-rank launcher {launcher!r}")
@@ -155,9 +156,11 @@ def _base_env(nprocs: int, port: int) -> dict[str, str]:
     return {**env, **CPU_ENV, "OMP_NUM_THREADS": THREADS, "MASTER_PORT": str(port)}
 
 
-def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path) -> list[subprocess.Popen]:
-    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s or torchrun's environment."""
-    port = free_port()
+def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path,
+                port: int | None = None) -> list[subprocess.Popen]:
+    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s ("slurm-env") or torchrun's
+    ("torchrun-env") environment."""
+    port = port or free_port()
     procs = []
     for rank in range(nprocs):
         env = {**_base_env(nprocs, port), **_rank_env(launcher, rank, nprocs, port)}
@@ -200,19 +203,35 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> 
 def launch(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float = 300,
            program: tuple[str, ...] = (str(PRETRAIN),)) -> Job:
     """Run `launch/pretrain.py args` (or another program) on `nprocs` ranks started by
-    `launcher`: deepspeed, mpirun, python (one rank), srun (its environment) or env (torchrun's)."""
-    if launcher in ("srun", "env"):
+    `launcher`: deepspeed, mpirun, python (one rank), slurm-env or torchrun-env (rank processes
+    started here with srun's or torchrun's variables)."""
+    for _ in range(PORT_TRIES - 1):
+        job = _launch_once(launcher, nprocs, args, log_dir, timeout, program, free_port())
+        if job.returncode == 0 or not lost_its_port(job.output):
+            return job
+    return _launch_once(launcher, nprocs, args, log_dir, timeout, program, free_port())
+
+
+def start_launcher(launcher: str, nprocs: int, command: list[str], port: int) -> subprocess.Popen:
+    """`launcher` (deepspeed, mpirun, python) running `command` in a session of its own (so
+    that killing its group ends every rank), output piped as text."""
+    return subprocess.Popen([*_launcher_command(launcher, nprocs, port), *command], cwd=REPO,
+                            env=_base_env(nprocs, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float,
+                 program: tuple[str, ...], port: int) -> Job:
+    if launcher in ("slurm-env", "torchrun-env"):
         assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
-        return wait_ranks(start_ranks(launcher, nprocs, args, log_dir), log_dir, timeout)
-    port = free_port()
+        job = wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
+        return Job(job.returncode, job.output, job.seconds, job.rank_codes, port)
     start = time.monotonic()
-    proc = subprocess.Popen([*_launcher_command(launcher, nprocs, port), *program, *args],
-                            cwd=REPO, env=_base_env(nprocs, port), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_launcher(launcher, nprocs, [*program, *args], port)
     try:
         output, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         output, code = proc.communicate()[0], 124
-    return Job(code, output, time.monotonic() - start)
+    return Job(code, output, time.monotonic() - start, port=port)

@@ -8,7 +8,6 @@ import torch
 
 from megatrain.bench import PlainTransformer, block_params, scaling
 
-from .distributed import cpu_comm  # noqa: F401  (the session fixture)
 
 
 def test_bench_json_reports_every_figure():

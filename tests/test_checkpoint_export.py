@@ -15,7 +15,7 @@ from megatrain.evaluate import bits_per_byte
 from megatrain.model import Megabyte, StageInput
 from megatrain.reference import load_reference
 
-from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
+from .distributed import REPO, launch
 
 SEQ = 256  # tiny.yaml's seq_len
 VAL_BYTES = 8 * SEQ + 100  # the validation's last window is short: padded, its padding unscored
@@ -23,10 +23,11 @@ VAL_BYTES = 8 * SEQ + 100  # the validation's last window is short: padded, its 
 
 @pytest.fixture(scope="module")
 def parallel_run(tiny_shards, cpu_comm, tmp_path_factory):
-    """3 steps of tiny.yaml on pp=2 x tp=2, validated and saved at the end."""
+    """3 steps of tiny.yaml on pp=2 x tp=2, validated and saved at the end (the metrics in a
+    directory that --metrics itself has to make)."""
     out = tmp_path_factory.mktemp("export")
     args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(tiny_shards), "--pp", "2", "--tp", "2",
-            "--train-steps", "3", "--save", str(out / "ckpt"), "--metrics", str(out / "metrics.jsonl"),
+            "--train-steps", "3", "--save", str(out / "ckpt"), "--metrics", str(out / "runs" / "x" / "metrics.jsonl"),
             "--set", "train.eval_interval=3", "--set", f"train.eval_bytes={VAL_BYTES}"]
     job = launch("deepspeed", 4, args, out)
     assert job.returncode == 0, job.output[-5000:]
@@ -38,13 +39,16 @@ def test_export_gives_the_parallel_models_validation_bits_per_byte(parallel_run,
                              str(parallel_run / "model.pt")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     model = load_reference(parallel_run / "model.pt")
-    last = json.loads((parallel_run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = json.loads((parallel_run / "runs" / "x" / "metrics.jsonl").read_text().splitlines()[-1])
     reference = bits_per_byte(model, read_split(tiny_shards, "val", VAL_BYTES), SEQ, 8)
     assert reference["bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
     # the directory loads directly too, to the same weights
     direct = load_model(parallel_run / "ckpt")
-    for (name, a), b in zip(model.state_dict().items(), direct.state_dict().values()):
-        assert torch.equal(a, b), name
+    exported, loaded = model.state_dict(), direct.state_dict()
+    assert exported.keys() == loaded.keys()
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, loaded[name]), name
+    direct.load_state_dict(exported, strict=True)
 
 
 @pytest.mark.parametrize("mode", [[], ["--strided"], ["--sliding", "128"]], ids=["plain", "strided", "sliding"])

@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
-from .distributed import cpu_comm  # noqa: F401  (session fixture)
+import pytest
 
 
+@pytest.mark.timeout(1200)  # every stage of the demo, each a process of its own
 def test_demo_runs_every_stage_and_reports(cpu_comm, tmp_path):
     run_dir = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "megatrain.demo", "--run-dir", str(run_dir), "--steps", "3",

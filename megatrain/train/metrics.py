@@ -59,6 +59,8 @@ class MetricsLog:
 
     def __init__(self, path: str | None, log_interval: int, total_steps: int, flops_per_byte_per_device: float,
                  peak_tflops: float, monitor: Any = None) -> None:
+        if path:  # like --save, --metrics runs/x/metrics.jsonl makes runs/x
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.file = open(Path(path), "a") if path else None
         self.log_interval, self.total_steps = log_interval, total_steps
         self.flops_per_byte_per_device, self.peak_tflops = flops_per_byte_per_device, peak_tflops

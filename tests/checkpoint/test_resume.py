@@ -8,6 +8,7 @@ is the reference for all layouts without dropout (as in tests/train).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -25,7 +26,7 @@ from megatrain.parallel.tensor_parallel import BLOCK_SPLITS
 from megatrain.train.checkpointing import check_resumable
 from megatrain.train.signals import EXIT_STOPPED
 
-from ..distributed import running_ranks, start_ranks, wait_ranks
+from ..distributed import PRETRAIN, free_port, running_ranks, start_launcher, start_ranks, wait_ranks
 from ..train.test_pretrain import TINY, Run, batch, pretrain, relative_gaps
 
 STEPS = 12
@@ -118,7 +119,7 @@ def run_args(shards: Path, out: Path, *options: str) -> list[str]:
 
 def test_kill_9_then_resume_gives_the_straight_losses(straight, tiny_shards, tmp_path):
     """A checkpoint every step, so a random kill often lands inside a save."""
-    with running_ranks("env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
+    with running_ranks("torchrun-env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
         wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
         time.sleep(random.uniform(0, 0.3))
         procs[0].kill()  # (running_ranks waits for it)
@@ -139,7 +140,7 @@ def stopped_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> tuple[Path, int, lis
     """dp=2 run sent SIGUSR1 on rank 0 only after step 2: its directory, the step both ranks
     stopped at, and their exit codes."""
     out = tmp_path_factory.mktemp("signal")
-    with running_ranks("env", 2, run_args(tiny_shards, out, *batch(2, 1)), out) as procs:
+    with running_ranks("torchrun-env", 2, run_args(tiny_shards, out, *batch(2, 1)), out) as procs:
         wait_for_step(out / "metrics.jsonl", 2, procs)
         procs[0].send_signal(signal.SIGUSR1)
         job = wait_ranks(procs, out, timeout=120)
@@ -153,11 +154,29 @@ def test_sigusr1_saves_at_the_step_all_ranks_stop(stopped_dp2):
     assert (out / "ckpt" / "latest").read_text() == f"global_step{step}"
 
 
+def test_sigterm_to_the_deepspeed_launcher_stops_its_ranks_with_a_checkpoint(tiny_shards, cpu_comm, tmp_path):
+    """Pre-emption as a scheduler does it: SIGTERM to every process of a real `deepspeed`
+    launch of dp=2 (the runner, DeepSpeed's launch.py, the ranks). On one node the runner
+    itself forwards nothing: SIGTERM to it alone leaves the ranks training to the end."""
+    proc = start_launcher("deepspeed", 2, [str(PRETRAIN), *run_args(tiny_shards, tmp_path, *batch(2, 1))],
+                          free_port())
+    try:
+        wait_for_step(tmp_path / "metrics.jsonl", 2, [proc])
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = max(losses(tmp_path))
+    assert 2 <= step < STEPS, output[-4000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{step}", output[-4000:]
+
+
 FIXED_GLOBAL_BATCH = ["--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4"]
 
 
 @pytest.mark.parametrize("launcher,ranks,options", [
-    ("env", 2, batch(2, 1)), ("python", 1, batch(4, 1)), ("deepspeed", 4, batch(1, 1)),
+    ("torchrun-env", 2, batch(2, 1)), ("python", 1, batch(4, 1)), ("deepspeed", 4, batch(1, 1)),
     ("python", 1, FIXED_GLOBAL_BATCH),  # 2 micro-batches a step, derived
 ], ids=["dp=2", "dp=1", "dp=4", "dp=1 global_batch_size"])
 def test_resume_at_any_data_parallel_size_continues_the_run(stopped_dp2, straight, tiny_shards, tmp_path,
@@ -247,7 +266,7 @@ def test_other_dataset_fails_the_run_before_training(straight, tiny_shards, tmp_
     some_of_the_same_files = Path(json.__file__).parent
     subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(some_of_the_same_files), "--output", str(other)],
                    check=True, capture_output=True)
-    procs = start_ranks("env", 1, run_args(other, tmp_path, "--load", str(straight.dir / "ckpt")), tmp_path)
+    procs = start_ranks("torchrun-env", 1, run_args(other, tmp_path, "--load", str(straight.dir / "ckpt")), tmp_path)
     job = wait_ranks(procs, tmp_path, timeout=120)
     assert job.returncode == 2 and "--allow-data-change" in job.output
     assert not (tmp_path / "metrics.jsonl").exists()

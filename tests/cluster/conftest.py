@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from ..distributed import cpu_comm, tiny_shards  # noqa: F401  (the shared session fixtures)
-
 HERE = Path(__file__).resolve().parent
 
 

@@ -12,6 +12,9 @@ import pytest
 
 from ..distributed import REPO
 
+# the first test also starts the cluster (installing its packages on a fresh machine)
+pytestmark = pytest.mark.timeout(1800)
+
 SLURM_DIR = REPO / "launch" / "slurm"
 TINY = REPO / "configs" / "tiny.yaml"
 

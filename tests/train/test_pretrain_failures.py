@@ -23,7 +23,7 @@ DEADLINE_S = 120
 ], ids=["layout", "data"])
 def test_setup_errors_exit_nonzero_on_every_rank_with_the_reason(tiny_shards, cpu_comm, tmp_path, ranks,
                                                                  options, reason):
-    procs = start_ranks("env", ranks, ["--config", TINY, "--data", str(tiny_shards), *options], tmp_path)
+    procs = start_ranks("torchrun-env", ranks, ["--config", TINY, "--data", str(tiny_shards), *options], tmp_path)
     job = wait_ranks(procs, tmp_path, timeout=90)
     assert job.rank_codes == [2] * ranks, job.output[-3000:]
     assert job.output.count(reason) == ranks
@@ -38,7 +38,7 @@ def test_a_lost_rank_brings_every_rank_down(tiny_shards, cpu_comm, tmp_path, how
     metrics = tmp_path / "metrics.jsonl"
     args = ["--config", TINY, "--data", str(tiny_shards), "--pp", "2", "--tp", "2", "--train-steps", "100000",
             "--metrics", str(metrics), *options]
-    with running_ranks("env", 4, args, tmp_path) as procs:
+    with running_ranks("torchrun-env", 4, args, tmp_path) as procs:
         deadline = time.monotonic() + DEADLINE_S
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
