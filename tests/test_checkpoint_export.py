@@ -11,7 +11,7 @@ import torch
 
 from megatrain.checkpoint import CheckpointError, load_model, resolve_tag
 from megatrain.data import read_split
-from megatrain.evaluate import bits_per_byte
+from megatrain.scoring import bits_per_byte
 from megatrain.reference import load_reference
 
 from .distributed import REPO, cpu_comm, launch, tiny_shards  # noqa: F401  (session fixtures)
