@@ -18,98 +18,50 @@ object with `bpb` and `bytes`.
 
 MODEL is an exported .pt or a checkpoint of any layout, run as the reference model on
 one device; under a launcher (or with --pp / --tp) a checkpoint runs as the parallel
-model instead, for models one device cannot hold (`megatrain.train.validation`, which
-training's validation runs too, on the same `scored_windows`).
+model instead, for models one device cannot hold. Both score as `megatrain.scoring` does,
+as training's validation does.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # bytes [B, T] -> logits [B, T, 256]
-UNSCORED = -100  # a target no prediction is scored on: cross_entropy's ignore_index
+from megatrain.scoring import bits_per_byte
 
 
-@dataclass(frozen=True)
-class Window:
-    start: int  # first byte of the window in the stream
-    length: int
-    score: np.ndarray  # bool [length]: which of its predictions count
+def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
+                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
+    """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
+    data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
+    hold. Every rank returns the result."""
+    import deepspeed  # here: the reference model's evaluation needs none of it
 
+    from megatrain.checkpoint import read_client_state, resolve_tag
+    from megatrain.data import read_split
+    from megatrain.parallel import MegabytePipeline, plan_layout
+    from megatrain.scoring.pipeline import evaluation_config, pipeline_bits_per_byte, plan_evaluation
+    from megatrain.train.distributed import init_distributed
+    from megatrain.train.ds_config import deepspeed_config
+    from megatrain.train.resharding import load_weights
 
-def plan_windows(n_bytes: int, seq_len: int, patch_size: int, strided: bool = False,
-                 sliding: int | None = None) -> Iterator[Window]:
-    """The windows that together predict each of n_bytes bytes exactly once."""
-    stride = sliding or seq_len
-    if stride % patch_size or not 0 < stride <= seq_len:
-        raise ValueError(f"sliding stride {stride} must be a multiple of the patch size "
-                         f"{patch_size} in (0, seq_len={seq_len}]")
-    half = patch_size // 2
-    for offset in ((0, half) if strided else (0,)):
-        covered = offset
-        for start in range(offset, n_bytes, stride):
-            length = min(seq_len, n_bytes - start)
-            position = np.arange(length)
-            score = start + position >= covered
-            if strided:
-                score &= position % patch_size < half
-            covered = start + length
-            if score.any():
-                yield Window(start, length, score)
-            if covered == n_bytes:
-                break
-
-
-def scored_windows(data: np.ndarray, seq_len: int, patch_size: int, strided: bool = False,
-                   sliding: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(bytes, targets) per window of `plan_windows`, both [seq_len] int64: a short last
-    window is padded, and targets the window does not score (padding included) are UNSCORED.
-    Fixed shapes let the pipeline engine run them as they are; a causal model's scored
-    predictions do not see the padding after them."""
-    for w in plan_windows(len(data), seq_len, patch_size, strided, sliding):
-        x = torch.zeros(seq_len, dtype=torch.int64)
-        x[:w.length] = torch.from_numpy(data[w.start:w.start + w.length].astype(np.int64))
-        targets = torch.full((seq_len,), UNSCORED, dtype=torch.int64)
-        score = torch.from_numpy(w.score)
-        targets[:w.length][score] = x[:w.length][score]
-        yield x, targets
-
-
-def scored_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats summed (in float64) over the scored targets (the others are UNSCORED)."""
-    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=UNSCORED, reduction="none")
-    return nats.double().sum()
-
-
-def summary(nats: float, scored_bytes: int) -> dict:
-    return {"bpb": nats / max(scored_bytes, 1) / math.log(2), "bytes": scored_bytes, "nats": nats}
-
-
-def bits_per_byte(logits_fn: LogitsFn, data: np.ndarray, seq_len: int, patch_size: int,
-                  strided: bool = False, sliding: int | None = None, batch_size: int = 8,
-                  device: str | torch.device = "cpu") -> dict:
-    """{"bpb", "bytes", "nats"} of the byte array `data` under the model."""
-    total_nats, total_bytes = 0.0, 0
-    windows = scored_windows(data, seq_len, patch_size, strided, sliding)
-    while batch := list(itertools.islice(windows, batch_size)):
-        x, targets = (torch.stack(t).to(device) for t in zip(*batch))
-        with torch.no_grad():
-            total_nats += scored_nats(logits_fn(x), targets).item()
-        total_bytes += int((targets != UNSCORED).sum())
-    if total_bytes != len(data):
-        raise AssertionError(f"scored {total_bytes} of {len(data)} bytes")
-    return summary(total_nats, total_bytes)
+    tag = resolve_tag(ckpt)
+    client = read_client_state(tag)
+    cfg = evaluation_config(client["config"], pp, tp, micro_batch_size, f"{tag} (run config)")
+    world = init_distributed(cfg.parallel.timeout_s)
+    layout = plan_layout(cfg, world.size)
+    model = MegabytePipeline(cfg.model, layout, cfg.train.seed, cfg.parallel.partition_method)
+    config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    load_weights(engine.module, tag, client)
+    coord = layout.topology().get_coord(world.rank)
+    data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
+    plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data, layout.dp,
+                           coord.pipe in (0, layout.pp - 1), strided, sliding)
+    return pipeline_bits_per_byte(engine, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-bytes must be positive, got {args.max_bytes}")
     try:
         if args.pp or args.tp or discover_launcher() != "python":
-            from megatrain.train.validation import evaluate_checkpoint
-
             result = evaluate_checkpoint(args.load, args.data, args.split, args.max_bytes, args.strided, args.sliding,
                                          args.pp or 1, args.tp or 1, args.batch_size)
             rank = dist.get_rank()

@@ -11,8 +11,8 @@ import torch
 
 from megatrain.checkpoint import CheckpointError, load_model, resolve_tag
 from megatrain.data import read_split
-from megatrain.evaluate import bits_per_byte
 from megatrain.model import Megabyte, StageInput
+from megatrain.scoring import bits_per_byte
 from megatrain.reference import load_reference
 
 from .distributed import REPO, launch

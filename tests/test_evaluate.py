@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatrain.data import read_split
-from megatrain.evaluate import bits_per_byte, plan_windows
+from megatrain.scoring import bits_per_byte, plan_windows
 from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 from megatrain.reference import save_reference
 

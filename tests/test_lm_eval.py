@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatrain.evaluate import bits_per_byte
+from megatrain.scoring import bits_per_byte
 from megatrain.likelihood import loglikelihoods
 from megatrain.model import Megabyte, MegabyteConfig
 from megatrain.model.decoding import generate

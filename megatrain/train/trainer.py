@@ -25,6 +25,7 @@ from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, read_split
 from megatrain.data.format import Manifest
 from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout, seed_rank_stream
+from megatrain.scoring.pipeline import Batch, EvalPlan, pipeline_bits_per_byte, plan_evaluation
 
 from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
@@ -34,7 +35,6 @@ from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops, peak_memo
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
 from .signals import StopRequest
-from .validation import Batch, EvalPlan, pipeline_bits_per_byte, plan_evaluation
 
 T = TypeVar("T")
 

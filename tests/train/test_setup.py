@@ -12,7 +12,7 @@ from megatrain.model import GlobalEmbedding, Head, StageInput
 from megatrain.parallel import Layout, plan_layout, reference_model
 from megatrain.train import deepspeed_config, lr_at, param_groups, parse_args, resolve_config
 from megatrain.train.distributed import discover_launcher
-from megatrain.train.validation import evaluation_config
+from megatrain.scoring.pipeline import evaluation_config
 
 from ..distributed import REPO
 

@@ -1,4 +1,4 @@
-"""Bits per byte through the pipeline engine, on `megatrain.evaluate`'s scored windows.
+"""Bits per byte through the pipeline engine, on `megatrain.scoring`'s windows.
 
 Training's validation and `python -m megatrain.evaluate` under a launcher both run it.
 The last stage's loss (`PatchParallelLoss`) is the nats of the scored targets over all
@@ -13,19 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 
-from megatrain.checkpoint import read_client_state, resolve_tag
 from megatrain.config import RunConfig, build
-from megatrain.data import read_split
-from megatrain.evaluate import UNSCORED, scored_windows, summary
-from megatrain.parallel import MegabytePipeline, plan_layout
-
-from .distributed import init_distributed
-from .ds_config import deepspeed_config
-from .resharding import load_weights
+from megatrain.scoring import UNSCORED, scored_windows, summary
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (bytes for the first stage, targets for the last)
 
@@ -68,24 +60,3 @@ def evaluation_config(raw: dict, pp: int, tp: int, micro_batch_size: int, source
     micro_batch_size windows, one per step: its training batch settings do not apply."""
     train = {**raw["train"], "micro_batch_size": micro_batch_size, "grad_accum_steps": 1, "global_batch_size": 0}
     return build(RunConfig, {**raw, "train": train, "parallel": {**raw["parallel"], "pp": pp, "tp": tp}}, source)
-
-
-def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
-                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
-    """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
-    data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
-    hold. Every rank returns the result."""
-    tag = resolve_tag(ckpt)
-    client = read_client_state(tag)
-    cfg = evaluation_config(client["config"], pp, tp, micro_batch_size, f"{tag} (run config)")
-    world = init_distributed(cfg.parallel.timeout_s)
-    layout = plan_layout(cfg, world.size)
-    model = MegabytePipeline(cfg.model, layout, cfg.train.seed, cfg.parallel.partition_method)
-    config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    load_weights(engine.module, tag, client)
-    coord = layout.topology().get_coord(world.rank)
-    data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
-    plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data, layout.dp,
-                           coord.pipe in (0, layout.pp - 1), strided, sliding)
-    return pipeline_bits_per_byte(engine, plan)
