@@ -3,8 +3,9 @@
     pip install megabyte-pytorch==0.3.6   # for this comparison only, never a dependency
     python bench/compare_megabyte_pytorch.py [--steps N] [--rounds R] [--json]
 
-Same dimensions for both (global 512 wide x 4 layers, local 256 x 2, P = 8,
-T = 2048, batch 4, heads of 64), same loop (forward, loss, backward, AdamW step)
+Same dimensions for both (global 512 wide x 4 layers, local 512 x 2, 8 heads of 64
+in both stages, P = 8, T = 2048, batch 4): MEGABYTE-pytorch's `heads` is one setting
+for every stage, so both stages are equally wide to compare like with like. Same loop (forward, loss, backward, AdamW step)
 under bf16 autocast, on the same device. The two are timed in alternating rounds
 so that load on the machine falls on both alike; the best round of each counts.
 """
@@ -21,13 +22,13 @@ import torch
 from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 
 SEQ, PATCH, BATCH = 2048, 8, 4
-GLOBAL_DIM, GLOBAL_LAYERS, LOCAL_DIM, LOCAL_LAYERS, HEAD = 512, 4, 256, 2, 64
+GLOBAL_DIM, GLOBAL_LAYERS, LOCAL_DIM, LOCAL_LAYERS, HEADS, HEAD = 512, 4, 512, 2, 8, 64
 
 
 def ours() -> tuple[torch.nn.Module, callable]:
     cfg = MegabyteConfig(seq_len=SEQ, patch_size=PATCH, global_dim=GLOBAL_DIM, global_layers=GLOBAL_LAYERS,
-                         global_heads=GLOBAL_DIM // HEAD, local_dim=LOCAL_DIM, local_layers=LOCAL_LAYERS,
-                         local_heads=LOCAL_DIM // HEAD, dropout=0.0)
+                         global_heads=HEADS, local_dim=LOCAL_DIM, local_layers=LOCAL_LAYERS,
+                         local_heads=HEADS, dropout=0.0)
     model = Megabyte(cfg)
     return model, lambda x: bytes_loss(model(x), x)
 
@@ -38,7 +39,7 @@ def theirs() -> tuple[torch.nn.Module, callable]:
     except ImportError:
         raise SystemExit("needs `pip install megabyte-pytorch==0.3.6` (and its beartype, einops)") from None
     model = MEGABYTE(num_tokens=256, dim=(GLOBAL_DIM, LOCAL_DIM), depth=(GLOBAL_LAYERS, LOCAL_LAYERS),
-                     max_seq_len=(SEQ // PATCH, PATCH), dim_head=HEAD, heads=GLOBAL_DIM // HEAD, flash_attn=True)
+                     max_seq_len=(SEQ // PATCH, PATCH), dim_head=HEAD, heads=HEADS, flash_attn=True)
     return model, lambda x: model(x, return_loss=True)
 
 
