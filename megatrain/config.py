@@ -75,11 +75,49 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One dataset of a mixture: `weight` is its share of the training bytes (normalised)."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # directory of shards + manifest.json (or --data)
+    path: str = ""  # directory of shards + manifest.json (or --data DIR): one source
+    sources: tuple[SourceConfig, ...] = ()  # several, blended by weight (or --data NAME=PATH:WEIGHT ...)
     boundary: str = ""  # bytes inserted between documents (UTF-8), default none
     prefetch: int = 4  # micro-batches read ahead
     on_corrupt: Literal["error", "skip"] = "error"
+
+    def source_list(self) -> tuple[SourceConfig, ...]:
+        """The sources to train on: `sources`, or `path` as one source named after its directory."""
+        if self.sources:
+            return self.sources
+        return (SourceConfig(Path(self.path).name or self.path, self.path),) if self.path else ()
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.path and self.sources:
+            return [("sources", f"is set and so is data.path ({self.path!r}): give one of them")]
+        return []
+
+
+def parse_source(text: str) -> SourceConfig:
+    """A `--data` value: NAME=PATH:WEIGHT, NAME=PATH (weight 1) or a plain DIR (named after it)."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        return SourceConfig(Path(text).name or text, text)
+    path, colon, weight = rest.rpartition(":")
+    if not colon:
+        path, weight = rest, "1"
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ConfigError(f"--data {text}: weight {weight!r} is not a number (expected NAME=PATH:WEIGHT)") from None
+    if not name or not path:
+        raise ConfigError(f"--data {text}: expected NAME=PATH:WEIGHT")
+    return SourceConfig(name, path, value)
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
         _set_dotted(raw, key.strip(), yaml.safe_load(value), source=f"{path}: override {item!r}")
     cfg = build(RunConfig, raw, source=str(path))
     problems = [("model", *p) for p in cfg.model.problems()] + [("train", *p) for p in cfg.train.problems()]
+    problems += [("data", *p) for p in cfg.data.problems()]
     if problems:
         raise ConfigError("\n".join(f"{path}: {section}.{key}: {msg}" for section, key, msg in problems))
     return cfg

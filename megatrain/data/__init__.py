@@ -8,6 +8,7 @@ from typing import Any
 
 _EXPORTS = {
     "ByteStream": "megatrain.data.loader",
+    "MixedStream": "megatrain.data.mixed",
     "read_split": "megatrain.data.stream",
     "SplitStream": "megatrain.data.stream",
 }

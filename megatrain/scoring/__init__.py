@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +84,12 @@ def scored_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def summary(nats: float, scored_bytes: int) -> dict:
     return {"bpb": nats / max(scored_bytes, 1) / math.log(2), "bytes": scored_bytes, "nats": nats}
+
+
+def pooled(results: Iterable[dict]) -> dict:
+    """The `summary` of several streams scored apart, as one: bits per byte weighted by their bytes."""
+    results = list(results)
+    return summary(sum(r["nats"] for r in results), sum(r["bytes"] for r in results))
 
 
 def bits_per_byte(logits_fn: LogitsFn, data: np.ndarray, seq_len: int, patch_size: int,

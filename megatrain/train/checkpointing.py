@@ -24,6 +24,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 import megatrain
 from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag
+from megatrain.data.mixture import mixture_change
 from megatrain.parallel import rank_stream_state, set_rank_stream_state
 from megatrain.parallel.streams import STREAM
 
@@ -103,10 +104,18 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
 # --- checks before training ---
 
-def check_resumable(ckpt: str, model_config: dict[str, Any], fingerprint: str | None,
+def saved_mixture(client: dict[str, Any]) -> list[dict]:
+    """The mixture a checkpoint's run trained on; one source for those saved before mixtures."""
+    if client.get("mixture"):
+        return client["mixture"]
+    return [{"name": None, "fingerprint": (client.get("data") or {}).get("fingerprint"), "weight": 1.0}]
+
+
+def check_resumable(ckpt: str, model_config: dict[str, Any], data: str | list[dict] | None,
                     allow_data_change: bool) -> Path:
     """The tag directory that `--load ckpt` resumes from; CheckpointError naming the
-    mismatch if it cannot resume this run."""
+    mismatch if it cannot resume this run. `data`: this run's mixture records (or the
+    fingerprint of its one dataset; None: not checked)."""
     tag = resolve_tag(ckpt)
     client = read_client_state(tag)
     saved = client["config"]["model"]
@@ -114,11 +123,18 @@ def check_resumable(ckpt: str, model_config: dict[str, Any], fingerprint: str | 
               if saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{tag} holds another model shape ({'; '.join(differ)})")
-    saved_fingerprint = (client.get("data") or {}).get("fingerprint")
-    if fingerprint is not None and saved_fingerprint != fingerprint and not allow_data_change:
-        raise CheckpointError(f"{tag} was trained on dataset {saved_fingerprint!r}, --data is dataset "
-                              f"{fingerprint!r}: pass --allow-data-change to resume on other data "
-                              f"(from the start of its sample order)")
+    if data is None or allow_data_change:
+        return tag
+    saved = saved_mixture(client)
+    now = [{"name": None, "fingerprint": data, "weight": 1.0}] if isinstance(data, str) else data
+    if len(saved) == len(now) == 1:
+        if saved[0]["fingerprint"] != now[0]["fingerprint"]:
+            raise CheckpointError(f"{tag} was trained on dataset {saved[0]['fingerprint']!r}, --data is dataset "
+                                  f"{now[0]['fingerprint']!r}: pass --allow-data-change to resume on other data "
+                                  f"(from the start of its sample order)")
+    elif change := mixture_change(saved, now):
+        raise CheckpointError(f"{tag} was trained on another data mixture ({change}): pass --allow-data-change "
+                              f"to resume on this one (from the start of its sample order)")
     return tag
 
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
-from megatrain.config import ConfigError, RunConfig, load_config
+from megatrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_source
 from megatrain.parallel import LayoutError
 
 from .distributed import RendezvousError, leave_process_group
@@ -22,7 +22,9 @@ EXIT_SETUP_ERROR = 2
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pretrain.py", description="Pretrain MEGABYTE with DeepSpeed 3D parallelism.")
     p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny.yaml")
-    p.add_argument("--data", help="directory of shards and manifest.json (overrides data.path)")
+    p.add_argument("--data", action="append", metavar="DIR | NAME=PATH:WEIGHT",
+                   help="directory of shards and manifest.json (overrides data.path); repeat NAME=PATH:WEIGHT "
+                        "to blend several by weight (shares of the training bytes; overrides data.sources)")
     p.add_argument("--pp", type=int, help="pipeline stages (overrides parallel.pp)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks (overrides parallel.tp); "
                                           "data parallel = world size / (pp * tp)")
@@ -49,15 +51,27 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     def given(**values: object) -> dict[str, object]:
         return {k: v for k, v in values.items() if v is not None}
 
-    cfg = replace(cfg, data=replace(cfg.data, **given(path=args.data)),
+    cfg = replace(cfg, data=data_options(cfg.data, args.data or []),
                   parallel=replace(cfg.parallel, **given(pp=args.pp, tp=args.tp)),
                   train=replace(cfg.train, **given(train_steps=args.train_steps, seed=args.seed,
                                                    save_interval=args.save_interval)))
     if args.keep_last is not None and args.keep_last < 1:
         raise ConfigError(f"--keep-last {args.keep_last}: keep at least one checkpoint")
-    if not cfg.data.path:
-        raise ConfigError(f"{args.config}: no training data: pass --data DIR or set data.path")
+    if not cfg.data.source_list():
+        raise ConfigError(f"{args.config}: no training data: pass --data DIR or set data.path or data.sources")
     return cfg
+
+
+def data_options(data: DataConfig, values: list[str]) -> DataConfig:
+    """One plain --data DIR sets data.path; NAME=PATH:WEIGHT values set data.sources."""
+    if not values:
+        return data
+    if len(values) == 1 and "=" not in values[0]:
+        return replace(data, path=values[0], sources=())
+    plain = [v for v in values if "=" not in v]
+    if plain:
+        raise ConfigError(f"--data {plain[0]}: with several --data, name each one (NAME=PATH:WEIGHT)")
+    return replace(data, path="", sources=tuple(parse_source(v) for v in values))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

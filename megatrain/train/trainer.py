@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
 from megatrain.config import RunConfig, config_to_dict
-from megatrain.data import ByteStream, read_split
-from megatrain.data.format import Manifest
+from megatrain.data import ByteStream, MixedStream, read_split
+from megatrain.data.mixture import Source, mixture_change, open_sources
 from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout, seed_rank_stream
+from megatrain.scoring import pooled
 from megatrain.scoring.pipeline import Batch, EvalPlan, pipeline_bits_per_byte, plan_evaluation
 
 from . import checkpointing
@@ -51,7 +52,7 @@ class RunOptions:
     save: str | None = None
     load: str | None = None
     keep_last: int | None = None  # complete checkpoints kept under `save` (all when None)
-    allow_data_change: bool = False  # resume on a dataset with another fingerprint
+    allow_data_change: bool = False  # resume on other data (another dataset or mixture)
 
 
 def on_every_rank(what: str, fn: Callable[[], T]) -> T:
@@ -103,9 +104,10 @@ class Trainer:
         self.stage, self.dp_rank, self.tp_rank = coord.pipe, coord.data, coord.model
         self.reads_data = self.stage in (0, self.layout.pp - 1)  # only they load micro-batches
         seed_everything(cfg.train.seed)
+        self.sources: list[Source] = on_every_rank("--data", lambda: open_sources(
+            [(s.name, s.path, s.weight) for s in cfg.data.source_list()]))
         self.train_data = on_every_rank("training data", self._open_train_data)
         self.validation = on_every_rank("validation data", self._plan_validation)
-        self.fingerprint = on_every_rank("dataset fingerprint", self._dataset_fingerprint)
         resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
@@ -122,11 +124,19 @@ class Trainer:
         self.stop = StopRequest()
         self.stopped = False  # set when a signal ended the run early
 
-    def _dataset_fingerprint(self) -> str:
-        return Manifest.load(self.cfg.data.path).fingerprint
+    @property
+    def mixture(self) -> list[dict]:
+        """The sources as the checkpoint records them (names, fingerprints, weights)."""
+        return [s.record() for s in self.sources]
+
+    @property
+    def fingerprint(self) -> str:
+        if len(self.sources) == 1:
+            return self.sources[0].fingerprint
+        return ", ".join(f"{s.name}={s.fingerprint}" for s in self.sources)
 
     def _check_resumable(self) -> Path:
-        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.fingerprint,
+        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.mixture,
                                              self.options.allow_data_change)
 
     def _open_metrics(self) -> MetricsLog | None:
@@ -139,31 +149,36 @@ class Trainer:
         return MetricsLog(self.options.metrics, t.log_interval, t.train_steps,
                           model_flops_per_byte(self.cfg.model) / self.world.size, peak, self.engine.monitor)
 
-    def _open_train_data(self) -> ByteStream | None:
+    def _open_train_data(self) -> ByteStream | MixedStream | None:
+        """One source streams in its own order (`ByteStream`), several in their blend (`MixedStream`)."""
         if not self.reads_data:
             return None
         c, t = self.cfg, self.cfg.train
-        return ByteStream(c.data.path, "train", c.model.seq_len,
-                          global_batch_size=t.sequences_per_step(self.layout.dp),
-                          micro_batch_size=t.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.layout.dp,
-                          seed=t.seed, boundary=c.data.boundary.encode(), on_corrupt=c.data.on_corrupt,
-                          prefetch=c.data.prefetch)
+        common = dict(global_batch_size=t.sequences_per_step(self.layout.dp), micro_batch_size=t.micro_batch_size,
+                      dp_rank=self.dp_rank, dp_size=self.layout.dp, seed=t.seed, boundary=c.data.boundary.encode(),
+                      on_corrupt=c.data.on_corrupt, prefetch=c.data.prefetch)
+        if len(self.sources) == 1:
+            return ByteStream(self.sources[0].path, "train", c.model.seq_len, **common)
+        return MixedStream(self.sources, "train", c.model.seq_len, **common)
 
-    def _plan_validation(self) -> EvalPlan | None:
-        """This rank's share of the plain evaluation of the val split's first eval_bytes."""
+    def _plan_validation(self) -> dict[str, EvalPlan] | None:
+        """This rank's share of the plain evaluation of each source's val split's first eval_bytes."""
         c, t = self.cfg, self.cfg.train
         if not t.eval_interval:
             return None
-        data = read_split(c.data.path, "val", t.eval_bytes, boundary=c.data.boundary.encode())
-        return plan_evaluation(data, c.model.seq_len, c.model.patch_size, t.micro_batch_size, self.dp_rank,
-                               self.layout.dp, self.reads_data)
+        plans = {}
+        for source in self.sources:
+            data = read_split(source.path, "val", t.eval_bytes, boundary=c.data.boundary.encode())
+            plans[source.name] = plan_evaluation(data, c.model.seq_len, c.model.patch_size, t.micro_batch_size,
+                                                 self.dp_rank, self.layout.dp, self.reads_data)
+        return plans
 
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
         data = self.train_data.state_dict() if self.train_data is not None else None
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
-                "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
+                "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
                 "val_bpb": self.val_bpb}
 
     def save(self) -> None:
@@ -195,9 +210,13 @@ class Trainer:
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         self.val_bpb = client.get("val_bpb")
-        data = client.get("data")
-        if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
-            self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
+        change = mixture_change(checkpointing.saved_mixture(client), self.mixture)
+        if change is None:
+            if self.train_data is not None:
+                self.train_data.load_state_dict(client["data"])
+        elif self.world.rank == 0:  # --allow-data-change: check_resumable refused it otherwise
+            print(f"--allow-data-change: the data differs from the checkpoint's ({change}); "
+                  f"it starts from the beginning of its own order", flush=True)
 
     def _load_same_layout(self, tag: Path, same_dp: bool) -> None:
         """DeepSpeed's own load, at any data-parallel size, and this rank's RNG state."""
@@ -230,12 +249,25 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if self.metrics:  # rank 0, which reads data (pipeline stage 0)
+            record["source_bytes"] = self._source_bytes()
         return record
 
+    def _source_bytes(self) -> dict[str, int]:
+        """Bytes of the last step drawn from each source."""
+        if isinstance(self.train_data, MixedStream):
+            return self.train_data.last_step_bytes()
+        return {self.sources[0].name: self.engine.train_batch_size() * self.cfg.model.seq_len}
+
     def evaluate(self) -> dict[str, float]:
-        """Loss and bits per byte on the val split's first eval_bytes, as `megatrain.evaluate` scores them."""
-        result = pipeline_bits_per_byte(self.engine, self.validation)
-        return {"val_loss": result["nats"] / result["bytes"], "val_bpb": result["bpb"]}
+        """Loss and bits per byte on each source's val split's first eval_bytes, as `megatrain.evaluate`
+        scores them: with several sources, `val_bpb/<name>` each and their byte-weighted mean `val_bpb`."""
+        results = {name: pipeline_bits_per_byte(self.engine, plan) for name, plan in self.validation.items()}
+        total = pooled(results.values())
+        record = {"val_loss": total["nats"] / total["bytes"], "val_bpb": total["bpb"]}
+        if len(results) > 1:
+            record.update({f"val_bpb/{name}": result["bpb"] for name, result in results.items()})
+        return record
 
     def run(self) -> None:
         """Train up to train.train_steps optimizer steps (counting those of a resumed run)."""
