@@ -71,7 +71,7 @@ class MixedStream:
         self._reader = _MixedReader(self.mixture, streams, orders, seq_len, global_batch_size, micro_batch_size,
                                     dp_rank, dp_size)
         self.seq_len, self.global_batch_size, self.micro_batch_size = seq_len, global_batch_size, micro_batch_size
-        self.seed, self.prefetch = seed, prefetch
+        self.dp_rank, self.dp_size, self.seed, self.prefetch = dp_rank, dp_size, seed, prefetch
         self._position = 0
         self._prefetcher: Prefetcher | None = None
         self._finalizer: weakref.finalize | None = None
