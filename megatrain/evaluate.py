@@ -1,7 +1,7 @@
 """Bits per byte of a model on a byte stream, as the paper measures it.
 
-    python -m megatrain.evaluate --load MODEL --data DIR [--split val] [--max-bytes N]
-        [--strided] [--sliding W]
+    python -m megatrain.evaluate --load MODEL --data DIR [--data NAME=DIR ...] [--split val]
+        [--max-bytes N] [--strided] [--sliding W]
     deepspeed --num_gpus 8 --module megatrain.evaluate --load CKPT --data DIR --pp 2 --tp 4 ...
 
 Every byte of the stream is predicted exactly once, from a window of at most seq_len
@@ -14,7 +14,10 @@ bytes that starts on a patch boundary:
   keeps the predictions of the first half of every patch, where the paper's models
   are best (loss grows along a patch as the weaker local model does more of the work).
 Both can be combined (the paper's best PG-19 figure). The last line printed is a JSON
-object with `bpb` and `bytes`.
+object with `bpb` and `bytes`. With several `--data` (NAME=DIR, or NAME=DIR:WEIGHT as
+training takes them; the weight is not used), each source is scored alone, one JSON row
+each (with `source`), and the last line is their byte-weighted mean, with `sources`
+holding each one's bits per byte.
 
 MODEL is an exported .pt or a checkpoint of any layout, run as the reference model on
 one device; under a launcher (or with --pp / --tp) a checkpoint runs as the parallel
@@ -30,14 +33,15 @@ import sys
 
 import torch
 
-from megatrain.scoring import bits_per_byte
+from megatrain.config import parse_source
+from megatrain.scoring import bits_per_byte, pooled
 
 
-def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
-                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
-    """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
-    data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
-    hold. Every rank returns the result."""
+def evaluate_checkpoint(ckpt: str, data_dirs: list[str], split: str, max_bytes: int | None, strided: bool,
+                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> list[dict]:
+    """Bits per byte of a checkpoint (of any layout) on each data directory, run as the
+    pipeline-, tensor- and data-parallel model on this job's ranks (pp x tp x dp): for
+    models one device cannot hold. Every rank returns the results."""
     import deepspeed  # here: the reference model's evaluation needs none of it
 
     from megatrain.checkpoint import read_client_state, resolve_tag
@@ -58,10 +62,13 @@ def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | N
     engine, *_ = deepspeed.initialize(model=model, config=config)
     load_weights(engine.module, tag, client)
     coord = layout.topology().get_coord(world.rank)
-    data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
-    plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data, layout.dp,
-                           coord.pipe in (0, layout.pp - 1), strided, sliding)
-    return pipeline_bits_per_byte(engine, plan)
+    results = []
+    for data_dir in data_dirs:
+        data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
+        plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data,
+                               layout.dp, coord.pipe in (0, layout.pp - 1), strided, sliding)
+        results.append(pipeline_bits_per_byte(engine, plan))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m megatrain.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="a training checkpoint (any layout) or an exported .pt")
-    parser.add_argument("--data", required=True, help="directory of shards and manifest.json")
+    parser.add_argument("--data", required=True, action="append", metavar="DIR | NAME=DIR",
+                        help="directory of shards and manifest.json; repeat (NAME=DIR) to score several, each alone")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max-bytes", type=int, default=None, help="score the first N bytes of the split")
     parser.add_argument("--strided", action="store_true", help="two passes offset by P/2 (Section 2.3.3)")
@@ -87,26 +95,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_bytes is not None and args.max_bytes <= 0:
         parser.error(f"--max-bytes must be positive, got {args.max_bytes}")
     try:
+        sources = [parse_source(value) for value in args.data]
+        if len({s.name for s in sources}) < len(sources):
+            raise ValueError(f"--data: two sources share a name ({', '.join(s.name for s in sources)})")
+        paths = [s.path for s in sources]
         if args.pp or args.tp or discover_launcher() != "python":
-            result = evaluate_checkpoint(args.load, args.data, args.split, args.max_bytes, args.strided, args.sliding,
-                                         args.pp or 1, args.tp or 1, args.batch_size)
+            results = evaluate_checkpoint(args.load, paths, args.split, args.max_bytes, args.strided, args.sliding,
+                                          args.pp or 1, args.tp or 1, args.batch_size)
             rank = dist.get_rank()
             leave_process_group()
             if rank != 0:
                 return 0
         else:
             model = load_reference(args.load, args.device)
-            data = read_split(args.data, args.split, args.max_bytes)
             cfg = model.config
-            result = bits_per_byte(model, data, cfg.seq_len, cfg.patch_size, args.strided, args.sliding,
-                                   args.batch_size, args.device)
+            results = [bits_per_byte(model, read_split(path, args.split, args.max_bytes), cfg.seq_len,
+                                     cfg.patch_size, args.strided, args.sliding, args.batch_size, args.device)
+                       for path in paths]
     except (OSError, ValueError) as e:
         leave_process_group(wait_for_peers=False)
         parser.error(str(e))
-    report = {"bpb": result["bpb"], "bytes": result["bytes"], "split": args.split, "strided": args.strided,
-              "sliding": args.sliding}
+    settings = {"split": args.split, "strided": args.strided, "sliding": args.sliding}
+    rows = []
+    if len(sources) > 1:
+        rows = [{"source": s.name, "bpb": r["bpb"], "bytes": r["bytes"], **settings} for s, r in zip(sources, results)]
+    total = pooled(results)
+    rows.append({"bpb": total["bpb"], "bytes": total["bytes"], **settings,
+                 **({"sources": {s.name: r["bpb"] for s, r in zip(sources, results)}} if len(sources) > 1 else {})})
     # one write: print's two (text, newline) could let a launcher's log line in between
-    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
     return 0
 
 
