@@ -2,9 +2,12 @@
 
     python -m megatrain.demo [--run-dir runs/demo] [--config configs/demo.yaml] [--steps N]
 
-The corpus is the running Python's standard library sources: real bytes that every
-machine has. Each step runs the same command a user would, and its output goes
-to a log file in the run folder; the summary and the loss curve come last.
+The corpus is the running Python's standard library sources, real bytes that every
+machine has, as a mixture of two sources: its top-level modules and some of its
+packages, a quarter of the training bytes (`SOURCES`). Each step runs the same
+command a user would, and its output goes to a log file in the run folder; the
+summary (validation per source and their byte-weighted mean) and the loss curve
+(one validation line per source) come last.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def corpus_files() -> list[Path]:
-    """The standard library's top-level modules (about 5 MB of Python source)."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+PACKAGES = ("email", "json", "http", "logging", "urllib")
+# name: share of the training bytes
+SOURCES = {"modules": 0.75, "packages": 0.25}
+
+
+def corpus_files() -> dict[str, list[Path]]:
+    """Each source's files: the standard library's top-level modules (about 4.7 MB of Python
+    source) and the modules of a few of its packages (about 1 MB)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return {"modules": sorted(stdlib.glob("*.py")),
+            "packages": sorted(p for package in PACKAGES for p in (stdlib / package).rglob("*.py"))}
 
 
 def run_step(name: str, cmd: list[str], run_dir: Path, env: dict[str, str] | None = None) -> str:
@@ -67,10 +78,11 @@ def plot_loss(metrics: Path, out: Path) -> bool:
         return False
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["bpb"] for r in rows], label="train")
-    val = [r for r in rows if "val_bpb" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", label="validation")
+    ax.plot([r["step"] for r in rows], [r["bpb"] for r in rows], label="train (mixture)")
+    for name in SOURCES:
+        val = [r for r in rows if f"val_bpb/{name}" in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r[f"val_bpb/{name}"] for r in val], "o-", label=f"validation: {name}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("bits per byte")
     ax.set_title("MEGABYTE demo: Python standard library")
@@ -98,16 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     started = time.time()
 
-    run_step("shards", [py, "-m", "data_prep.build_shards", *map(str, corpus_files()), "--output", str(data),
-                        "--val-fraction", "0.05", "--seed", "0"], run_dir)
+    for name, files in corpus_files().items():
+        run_step(f"shards-{name}", [py, "-m", "data_prep.build_shards", *map(str, files), "--output",
+                                    str(data / name), "--val-fraction", "0.05", "--seed", "0"], run_dir)
+    mixture = [a for name, weight in SOURCES.items() for a in ("--data", f"{name}={data / name}:{weight}")]
     steps = ["--train-steps", str(args.steps)] if args.steps else []
     command, env = launcher(args.ranks)
-    run_step("pretrain", [*command, "launch/pretrain.py", "--config", args.config, "--data", str(data), "--pp", "2",
+    run_step("pretrain", [*command, "launch/pretrain.py", "--config", args.config, *mixture, "--pp", "2",
                           "--save", str(ckpt), "--metrics", str(metrics), *steps], run_dir, env)
     run_step("export", [py, "-m", "megatrain.checkpoint", "export", str(ckpt), str(model)], run_dir)
     limit = ["--max-bytes", str(args.eval_bytes)] if args.eval_bytes else []
-    evaluation = json.loads(run_step("evaluate", [py, "-m", "megatrain.evaluate", "--load", str(model), "--data",
-                                                  str(data), "--split", "val", *limit], run_dir).splitlines()[-1])
+    sources = [a for name in SOURCES for a in ("--data", f"{name}={data / name}")]
+    *per_source, evaluation = map(json.loads, run_step("evaluate", [py, "-m", "megatrain.evaluate", "--load",
+                                                                    str(model), *sources, "--split", "val", *limit],
+                                                       run_dir).splitlines()[-len(SOURCES) - 1:])
     prompt = "def "
     sample = run_step("generate", [py, "-m", "megatrain.generate", "--load", str(model), "--prompt", prompt,
                                    "--max-bytes", "300", "--temperature", "0.8", "--seed", "0"], run_dir)
@@ -117,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     last = json.loads(metrics.read_text().splitlines()[-1])
     rows = [("steps", last["step"]), ("final train bits/byte", f"{last['bpb']:.3f}"),
-            ("validation bits/byte", f"{evaluation['bpb']:.3f} over {evaluation['bytes']:,} bytes"),
+            *((f"validation bits/byte: {r['source']}", f"{r['bpb']:.3f} over {r['bytes']:,} bytes")
+              for r in per_source),
+            ("validation bits/byte", f"{evaluation['bpb']:.3f} over {evaluation['bytes']:,} bytes (byte-weighted)"),
             ("training bytes/s", f"{last['bytes_per_s']:,.0f}"),
             ("wall time", f"{time.time() - started:.0f}s"),
             ("loss curve", str(curve) if has_curve else "(pip install matplotlib for the PNG)"),

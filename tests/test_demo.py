@@ -12,7 +12,8 @@ def test_demo_runs_every_stage_and_reports(cpu_comm, tmp_path):
     result = subprocess.run([sys.executable, "-m", "megatrain.demo", "--run-dir", str(run_dir), "--steps", "3",
                              "--eval-bytes", "8192"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for line in ("validation bits/byte", "training bytes/s", "--- sample"):
+    for line in ("validation bits/byte: modules", "validation bits/byte: packages", "validation bits/byte",
+                 "training bytes/s", "--- sample"):
         assert line in result.stdout
     for name in ("model.pt", "metrics.jsonl", "sample.txt", "loss.png", "pretrain.log"):
         assert (run_dir / name).is_file(), name
