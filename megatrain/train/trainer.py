@@ -178,8 +178,8 @@ class Trainer:
         data = self.train_data.state_dict() if self.train_data is not None else None
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
-                "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
-                "val_bpb": self.val_bpb}
+                "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
+                "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb}
 
     def save(self) -> None:
         """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
