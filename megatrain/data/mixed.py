@@ -29,7 +29,10 @@ class MixedStream:
 
     Samples are read in a background thread, `prefetch` micro-batches ahead; each source's
     windows of a step are read in ascending order, and its epoch plans and shuffle groups
-    are cached (a few of each). `close()` (or `with`) stops the thread.
+    are cached (a few of each). A source takes its samples in its own order, so it reads
+    one shuffle group after another: each source keeps the decoded record batches of about
+    one group ((group_blocks + 1) * block_bytes, 80 MiB at the defaults), so that each is
+    decoded once per group and rank. `close()` (or `with`) stops the thread.
     """
 
     def __init__(
@@ -58,7 +61,10 @@ class MixedStream:
         self.sources = list(sources)
         streams, orders = [], []
         for source in self.sources:
-            stream = SplitStream(source.path, split, boundary, on_corrupt, cache_bytes=2 * seq_len)
+            # a source goes through its order one shuffle group at a time: caching a group's
+            # record batches decodes each once per group, not once per window
+            stream = SplitStream(source.path, split, boundary, on_corrupt,
+                                 cache_bytes=max(2 * seq_len, (group_blocks + 1) * block_bytes))
             num_samples = stream.length // seq_len
             if num_samples < 1:
                 raise ValueError(f"data source {source.name!r}: the {split!r} split of {source.path} is shorter "
