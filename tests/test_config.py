@@ -61,6 +61,9 @@ def test_mid_stages_from_yaml(tmp_path):
     ("", ["train.lr"], "expected key.sub=value"),
     ("- a\n- b\n", [], "expected a mapping"),
     ("model: [\n", [], "invalid YAML"),
+    ("data:\n  path: /d\n  sources: [{name: a, path: /a}]\n", [], "data.sources: is set and so is data.path ('/d')"),
+    ("data:\n  sources: [{name: a, path: /a, weight: heavy}]\n", [], "data.sources[0].weight: expected a number"),
+    ("data:\n  sources: [{name: a, path: /a, share: 1}]\n", [], "unknown key 'data.sources[0].share'"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, overrides, needle):
     path = write(tmp_path, text)
@@ -73,3 +76,11 @@ def test_bad_config_names_key_and_file(tmp_path, text, overrides, needle):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nothere.yaml"):
         load_config(tmp_path / "nothere.yaml")
+
+
+def test_data_sources_from_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  sources:\n    - {name: web, path: /w, weight: 0.7}\n"
+                                      "    - {name: code, path: /c}\n"))
+    assert [(s.name, s.path, s.weight) for s in cfg.data.source_list()] == [("web", "/w", 0.7), ("code", "/c", 1.0)]
+    assert [(s.name, s.path) for s in load_config(write(tmp_path, "data:\n  path: /x/books\n")).data.source_list()] == [
+        ("books", "/x/books")]

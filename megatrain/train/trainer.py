@@ -104,7 +104,7 @@ class Trainer:
         self.stage, self.dp_rank, self.tp_rank = coord.pipe, coord.data, coord.model
         self.reads_data = self.stage in (0, self.layout.pp - 1)  # only they load micro-batches
         seed_everything(cfg.train.seed)
-        self.sources: list[Source] = on_every_rank("--data", lambda: open_sources(
+        self.sources: list[Source] = on_every_rank("data sources", lambda: open_sources(
             [(s.name, s.path, s.weight) for s in cfg.data.source_list()]))
         self.train_data = on_every_rank("training data", self._open_train_data)
         self.validation = on_every_rank("validation data", self._plan_validation)
