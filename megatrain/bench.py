@@ -177,15 +177,19 @@ class PlainTransformer(nn.Module):
         self.head = nn.Linear(dim, 256, bias=False)
 
     @torch.no_grad()
-    def generate(self, n_bytes: int) -> None:
-        """Greedy decoding of n_bytes with a key/value cache per layer, as MEGABYTE's global model keeps."""
+    def generate(self, n_bytes: int) -> bytes:
+        """Greedy decoding of n_bytes with a key/value cache per layer, as MEGABYTE's global model keeps;
+        each byte handed to the host as it is made, as `megatrain.model.decoding.generate` yields them."""
         caches = [PreallocatedKVCache(n_bytes) for _ in self.blocks]
         byte = torch.zeros(1, dtype=torch.long, device=self.head.weight.device)
+        out = bytearray()
         for t in range(n_bytes):
             h = self.embed(byte) + self.pos.weight[t]
             for block, cache in zip(self.blocks, caches):
                 h = block.step(h, cache)
             byte = self.head(self.norm(h)).argmax(-1)
+            out.append(int(byte))
+        return bytes(out)
 
 
 def block_params(model: nn.Module) -> int:
@@ -218,7 +222,7 @@ def generation_config(cfg: MegabyteConfig, n_bytes: int) -> MegabyteConfig:
     return replace(cfg, seq_len=max(cfg.seq_len, -(-n_bytes // cfg.patch_size) * cfg.patch_size))
 
 
-def best_speeds(generators: dict[str, Callable[[int], None]], n_bytes: int, rounds: int, device: torch.device,
+def best_speeds(generators: dict[str, Callable[[int], object]], n_bytes: int, rounds: int, device: torch.device,
                 emit: Emit = lambda figure, values: None) -> dict[str, float]:
     """Each generator's best bytes/s over `rounds` rounds that alternate between them; a
     "generation_round" line for each generator in each round as it ends.
@@ -248,7 +252,7 @@ def generation_speed(cfg: MegabyteConfig, n_bytes: int, device: torch.device, dt
     with torch.device(device):
         plain = same_size_transformer(cfg, n_params, plain_dim or cfg.local_dim).to(dtype).eval()
 
-    def megabyte(use_cache: bool) -> Callable[[int], None]:
+    def megabyte(use_cache: bool) -> Callable[[int], object]:
         return lambda n: deque(generate(model, b"", n, temperature=0, use_cache=use_cache), maxlen=0)
 
     every = {"cached": megabyte(True), "uncached": megabyte(False), "plain": plain.generate}
@@ -356,9 +360,7 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
             ok = False
             report.emit(figure, {"error": "out of memory", "detail": str(e).splitlines()[0],
                                  "peak_memory_gib": peak_memory_bytes(device) / 2**30})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
+            continue  # its tensors are freed with the traceback; the allocator reuses their memory
         if figure != "scaling":  # its rows were reported one by one
             report.emit(figure, values)
     return ok
