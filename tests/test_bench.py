@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
 import zstandard
+
 from megatrain.bench import Checkpointed, PlainTransformer, block_params, build_model, checkpoint_blocks, main, scaling
 from megatrain.config import load_config
 from megatrain.model import Megabyte, bytes_loss
