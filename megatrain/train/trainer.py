@@ -32,7 +32,8 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import init_distributed
 from .ds_config import deepspeed_config
-from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops, peak_memory_bytes
+from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
+                      peak_memory_bytes)
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
 from .signals import StopRequest
@@ -140,14 +141,16 @@ class Trainer:
                                              self.options.allow_data_change)
 
     def _open_metrics(self) -> MetricsLog | None:
-        """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own."""
+        """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own, and in
+        bf16 also against the device's datasheet peak."""
         if self.world.rank != 0:
             return None
-        t = self.cfg.train
-        peak = t.peak_tflops or measure_matmul_tflops(
-            self.engine.device, torch.bfloat16 if t.precision == "bf16" else torch.float32)
+        t, device = self.cfg.train, self.engine.device
+        peak = t.peak_tflops or measure_matmul_tflops(device, torch.bfloat16 if t.precision == "bf16" else torch.float32)
+        name = device_name(device)
         return MetricsLog(self.options.metrics, t.log_interval, t.train_steps,
-                          model_flops_per_byte(self.cfg.model) / self.world.size, peak, self.engine.monitor)
+                          model_flops_per_byte(self.cfg.model) / self.world.size, peak, name,
+                          datasheet_bf16_tflops(name) if t.precision == "bf16" else None, self.engine.monitor)
 
     def _open_train_data(self) -> ByteStream | MixedStream | None:
         """One source streams in its own order (`ByteStream`), several in their blend (`MixedStream`)."""

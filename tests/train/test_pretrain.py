@@ -20,6 +20,7 @@ from megatrain.config import load_config
 from megatrain.data import ByteStream
 from megatrain.model import bytes_loss
 from megatrain.parallel import reference_model
+from megatrain.train.metrics import device_name
 
 from ..distributed import REPO, Job, launch
 
@@ -107,6 +108,7 @@ def test_metrics_lines(runs):
         assert r["bpb"] == pytest.approx(r["loss"] / math.log(2))
         assert 0.05 < r["peak_memory_gib"] < 8  # a Python process holding torch and the tiny model
         assert r["bytes_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["device"] == device_name(torch.device("cpu")) and "mfu_datasheet" not in r  # fp32: no datasheet MFU
     assert [r["lr"] for r in steps] == pytest.approx([3e-4, 6e-4, 9e-4, 1.2e-3])  # warmup 10, lr 3e-3
 
 
