@@ -168,23 +168,15 @@ def attention_dropout_masks(rank: int, size: int) -> dict[str, bool]:
     return out
 
 
-def compiled_blocks(rank: int, size: int) -> dict[str, object]:
-    """Which layers of train.compile's (tensor-parallel) pipeline are compiled, and its parameters' names."""
-    deepspeed.init_distributed("gloo", verbose=False)
-    pipeline = MegabytePipeline(SMALL, Layout(pp=1, tp=size, dp=1), SEED, compile_blocks=True)
-    return {"compiled": [f._compiled_call_impl is not None for f in pipeline.forward_funcs],
-            "names": list(pipeline.state_dict())}
-
-
 def all_checks(rank: int, size: int) -> dict:
     return {"tp": tensor_parallel_block(rank, size), "rng": random_streams(rank, size),
-            "attention_rng": attention_dropout_masks(rank, size), "compile": compiled_blocks(rank, size),
+            "attention_rng": attention_dropout_masks(rank, size),
             "local": {name: patch_parallel_local_model(rank, size, name) for name in LOCAL_VARIANTS}}
 
 
 @pytest.fixture(scope="module")
 def per_rank():
-    return run_ranks(all_checks, 2, timeout=300)  # one launch for every check in this module
+    return run_ranks(all_checks, 2)  # one launch for every check in this module
 
 
 def test_tensor_parallel_block_equals_dense(per_rank):
@@ -237,13 +229,18 @@ def test_shards_merge_back_and_keep_whole_heads(size):
         assert torch.equal(shard_weight("attn.qkv.weight", qkv, rank, size), torch.cat([q[rows], k[rows], v[rows]]))
 
 
+def compiled_blocks(rank: int, size: int) -> dict[str, object]:
+    """Which layers of train.compile's pipeline are compiled, and its parameters' names."""
+    deepspeed.init_distributed("gloo", verbose=False)
+    pipeline = MegabytePipeline(SMALL, Layout(pp=1, tp=1, dp=1), SEED, compile_blocks=True)
+    return {"compiled": [f._compiled_call_impl is not None for f in pipeline.forward_funcs],
+            "names": list(pipeline.state_dict())}
 
 
-
-def test_train_compile_compiles_each_block_in_place(per_rank):
-    """Only the transformer blocks (sharded ones too); in place, so a checkpoint's names stay
-    as they were (torch.compile(module) would prefix them with _orig_mod)."""
+def test_train_compile_compiles_each_block_in_place():
+    """Only the transformer blocks; in place, so a checkpoint's names stay as they were
+    (torch.compile(module) would prefix them with _orig_mod)."""
+    result, = run_ranks(compiled_blocks, 1)
     g, l = SMALL.global_layers, SMALL.local_layers
-    for result in (r["compile"] for r in per_rank):
-        assert result["compiled"] == [False] + [True] * g + [False] + [True] * l + [False]
-        assert "1.attn.qkv.weight" in result["names"] and not any("_orig_mod" in n for n in result["names"])
+    assert result["compiled"] == [False] + [True] * g + [False] + [True] * l + [False]
+    assert "1.attn.qkv.weight" in result["names"] and not any("_orig_mod" in n for n in result["names"])
