@@ -19,17 +19,20 @@ import time
 
 import torch
 
-from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
+from megatrain.model import Megabyte, MegabyteConfig, StageBlock, bytes_loss
 
 SEQ, PATCH, BATCH = 2048, 8, 4
 GLOBAL_DIM, GLOBAL_LAYERS, LOCAL_DIM, LOCAL_LAYERS, HEADS, HEAD = 512, 4, 512, 2, 8, 64
 
 
-def ours() -> tuple[torch.nn.Module, callable]:
+def ours(compile_blocks: bool = False) -> tuple[torch.nn.Module, callable]:
     cfg = MegabyteConfig(seq_len=SEQ, patch_size=PATCH, global_dim=GLOBAL_DIM, global_layers=GLOBAL_LAYERS,
                          global_heads=HEADS, local_dim=LOCAL_DIM, local_layers=LOCAL_LAYERS,
                          local_heads=HEADS, dropout=0.0)
     model = Megabyte(cfg)
+    if compile_blocks:  # as train.compile does
+        for block in (m for m in model.layers if isinstance(m, StageBlock)):
+            block.compile()
     return model, lambda x: bytes_loss(model(x), x)
 
 
@@ -78,9 +81,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time megatrain with train.compile's blocks")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = {name: timer(build, device, args.steps) for name, build in (("megatrain", ours), ("megabyte_pytorch", theirs))}
+    builds = [("megatrain", ours), ("megabyte_pytorch", theirs)]
+    if args.compile:
+        builds.insert(1, ("megatrain_compiled", lambda: ours(compile_blocks=True)))
+    runs = {name: timer(build, device, args.steps) for name, build in builds}
     best = {name: 0.0 for name in runs}
     for _ in range(args.rounds):
         for name, (measure, _) in runs.items():
@@ -91,6 +98,7 @@ def main() -> None:
         **{f"{name}_bytes_per_s": speed for name, speed in best.items()},
         **{f"{name}_params": params for name, (_, params) in runs.items()},
         "speedup": best["megatrain"] / best["megabyte_pytorch"],
+        **({"compiled_speedup": best["megatrain_compiled"] / best["megabyte_pytorch"]} if args.compile else {}),
     }
     print(json.dumps(result) if args.json else "\n".join(f"{k:>28}: {v}" for k, v in result.items()))
 

@@ -42,6 +42,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 1234
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (state-dict names unchanged); measured no gain on
+    # CPU (docs/PERFORMANCE.md), not yet measured on a GPU
+    compile: bool = False
     log_interval: int = 10  # console line every N steps
     eval_interval: int = 0  # validation bits per byte every N steps (0: never)
     eval_bytes: int = 1 << 20

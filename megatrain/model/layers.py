@@ -28,6 +28,40 @@ def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+# Up to this many keys per unit, attention is two batched matmuls and a masked softmax:
+# fused kernels (FlashAttention) work in 128-row tiles and, over the 8 bytes of a local
+# patch, spend most of their work and backward scratch on padding. Measured on CPU by
+# bench/local_attention.py: faster up to 32 keys in fp32 and bf16, slower at 64 in fp32.
+SMALL_ATTENTION_MAX = 32
+
+
+def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) where mask, else -inf) v, for q [..., m, d], k and v [..., keys, d]
+    and a boolean mask broadcast to [..., m, keys]; the softmax in fp32, as SDPA's."""
+    scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    weights = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return F.dropout(weights, dropout) @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout: float) -> torch.Tensor:
+    """Attention over a unit's keys (causal where mask is None): SDPA over many keys,
+    `small_attention` over few."""
+    if k.shape[-2] > SMALL_ATTENTION_MAX:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return small_attention(q, k, v, mask, dropout)
+
+
+def in_autocast_dtype(h: torch.Tensor) -> torch.Tensor:
+    """h in autocast's dtype where autocast is on: a stage's input is the start of its
+    residual stream, which fp32 tables (embeddings, pads) would otherwise keep in fp32."""
+    kind = h.device.type
+    return h.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else h
+
+
 @dataclass
 class KVCache:
     """Keys and values of one attention layer for the positions of the current unit.
@@ -83,9 +117,7 @@ class Attention(nn.Module):
             out = self._cross_patch_attention(q, k, v, drop)
         else:
             shape = (B * n, heads, m, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                q.reshape(shape), k.reshape(shape), v.reshape(shape), dropout_p=drop, is_causal=True
-            )
+            out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), None, drop)
         out = out.view(B, n, heads, m, self.head_dim).transpose(2, 3).reshape(B, n, m, -1)
         return self.proj(out)
 
@@ -120,11 +152,8 @@ class Attention(nn.Module):
         has_prev = (torch.arange(n, device=q.device) > 0)[:, None, None].expand(n, m, r)
         mask = torch.cat((has_prev, causal.expand(n, m, m)), dim=2)  # [n, m, r + m]
         mask = mask[None, :, None].expand(B, n, 1, m, r + m).reshape(B * n, 1, m, r + m)
-        out = F.scaled_dot_product_attention(
-            q.reshape(B * n, heads, m, hd), k.reshape(B * n, heads, r + m, hd),
-            v.reshape(B * n, heads, r + m, hd), attn_mask=mask, dropout_p=drop,
-        )
-        return out
+        return attention(q.reshape(B * n, heads, m, hd), k.reshape(B * n, heads, r + m, hd),
+                         v.reshape(B * n, heads, r + m, hd), mask, drop)
 
 
 class MLP(nn.Module):

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import VOCAB_SIZE, MegabyteConfig, StageConfig
-from .layers import Block, CausalConvEncoder
+from .layers import Block, CausalConvEncoder, in_autocast_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # an exported model folder
@@ -75,7 +75,7 @@ class GlobalEmbedding(nn.Module):
             e = self.conv(e)
         patches = (e + self.pos_embed[:T]).reshape(B, T // self.patch_size, -1)
         h = torch.cat((self.pad.expand(B, 1, -1), patches[:, :-1]), dim=1)
-        return h.unsqueeze(1), x  # one unit of K positions: [B, 1, K, P * D_G]
+        return in_autocast_dtype(h.unsqueeze(1)), x  # one unit of K positions: [B, 1, K, P * D_G]
 
 
 class StageBlock(Block):
@@ -118,7 +118,7 @@ class StageInput(nn.Module):
         context = self.proj(self.norm(h).reshape(B, patches, self.units, -1))
         e = self.byte_embed(x).reshape(B, patches, self.units, -1)
         shifted = torch.cat((self.pad.expand(B, patches, 1, -1), e[:, :, :-1]), dim=2)
-        return context + shifted, x
+        return in_autocast_dtype(context + shifted), x
 
 
 class Head(nn.Module):

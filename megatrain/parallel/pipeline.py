@@ -21,7 +21,7 @@ from deepspeed.runtime.utils import partition_balanced
 from deepspeed.utils import logger
 from torch import nn
 
-from megatrain.model import Megabyte, MegabyteConfig, layer_specs, tie_local_embedding
+from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, tie_local_embedding
 
 from .cost import layer_costs
 from .layout import Layout
@@ -97,8 +97,9 @@ class MegabytePipeline(PipelineModule):
     """The pipeline-, tensor- and patch-parallel MEGABYTE for `DeepSpeed.initialize`."""
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
-                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0) -> None:
-        self.config = cfg
+                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                 compile_blocks: bool = False) -> None:
+        self.config, self.compile_blocks = cfg, compile_blocks
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
@@ -122,10 +123,12 @@ class MegabytePipeline(PipelineModule):
         return self._grid.get_slice_parallel_world_size()
 
     def _adapt(self, index: int, layer: nn.Module) -> nn.Module:
-        if index not in tensor_parallel_layers(self.config) or self.tp_size == 1:
-            return layer
-        run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
-        return shard_block(layer, self.tp_group)
+        if index in tensor_parallel_layers(self.config) and self.tp_size > 1:
+            run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
+            layer = shard_block(layer, self.tp_group)
+        if self.compile_blocks and isinstance(layer, StageBlock):
+            layer.compile()  # in place: the parameters keep their names
+        return layer
 
     def _partition_layers(self, method: str = "parameters") -> None:
         # Called by PipelineModule.__init__: DeepSpeed's own methods cannot pin the local model.

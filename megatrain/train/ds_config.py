@@ -31,6 +31,8 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         "zero_optimization": {"stage": 1, "elastic_checkpoint": True},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # megatrain logs each step itself
+        # and times it: DeepSpeed's throughput timer would synchronize the device every micro-batch
+        "timers": {"throughput": {"enabled": False}},
     }
     if t.precision == "bf16":
         config["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -45,8 +45,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`: the fused kernel (one launch for all parameters) where they
+    are on CUDA, torch's default implementation elsewhere."""
+    on_cuda = all(p.device.type == "cuda" for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=train.betas,
-                                  eps=train.eps, weight_decay=train.weight_decay)
+                                  eps=train.eps, weight_decay=train.weight_decay, fused=on_cuda or None)
     # DeepSpeed's elastic ZeRO checkpoints (which resume at another dp size) require a
     # per-group "step", as its own Adam keeps; torch's AdamW keeps and restores its step per
     # parameter, so this one is only the placeholder they need.

@@ -19,6 +19,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
 from megatrain.config import RunConfig, config_to_dict
@@ -77,11 +78,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def as_batches(micro_batches: Iterator[torch.Tensor]) -> Iterator[Batch]:
+def as_batches(micro_batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[Batch]:
     """Byte micro-batches as the pipeline engine reads them: the bytes are both the first
-    stage's input and the last stage's targets (the model shifts them itself)."""
+    stage's input and the last stage's targets (the model shifts them itself).
+
+    They cross to a GPU as uint8 (an eighth of int64's bytes), from pinned memory without
+    waiting, and are widened to int64 there; the engine's own copy (`clone().to(device)`,
+    on the host) would be a blocking int64 transfer."""
     for x in micro_batches:
-        x = x.long()
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True).long()
         yield x, x
 
 
@@ -111,13 +118,15 @@ class Trainer:
         self.validation = on_every_rank("validation data", self._plan_validation)
         resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
-                                 activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
+                                 activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
+                                 compile_blocks=cfg.train.compile)
+        model.to(get_accelerator().current_device_name())  # first: a fused optimizer needs its parameters there
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
         self.engine.checkpoint_engine = SafeCheckpointEngine()
-        self.batches = as_batches(self.train_data) if self.train_data is not None else None
+        self.batches = as_batches(self.train_data, self.engine.device) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
         self.val_bpb: float | None = None  # the last validation's
         if resume_tag is not None:  # last: no setup step draws from the restored streams

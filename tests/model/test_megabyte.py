@@ -150,3 +150,14 @@ def test_layers_are_flat_and_ordered():
     assert kinds == (["GlobalEmbedding"] + ["StageBlock"] * 2 + ["StageInput", "StageBlock"]
                      + ["StageInput"] + ["StageBlock"] * 2 + ["Head"])
     assert sum(isinstance(m, StageBlock) for m in model_for(cfg).layers) == 5
+
+
+def test_blocks_run_a_bf16_residual_stream_under_bf16_autocast():
+    """The fp32 embedding tables would otherwise make every block's input and output fp32."""
+    model = Megabyte(replace(SMALL, cross_patch=0))
+    seen = []
+    for block in (m for m in model.layers if isinstance(m, StageBlock)):
+        block.register_forward_hook(lambda _, inputs, out: seen.append((inputs[0][0].dtype, out[0].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 256, (2, SMALL.seq_len)))
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * (SMALL.global_layers + SMALL.local_layers)

@@ -227,3 +227,20 @@ def test_shards_merge_back_and_keep_whole_heads(size):
     for rank in range(size):  # rank r holds the same heads of q, k and v
         rows = slice(rank * head_rows, (rank + 1) * head_rows)
         assert torch.equal(shard_weight("attn.qkv.weight", qkv, rank, size), torch.cat([q[rows], k[rows], v[rows]]))
+
+
+def compiled_blocks(rank: int, size: int) -> dict[str, object]:
+    """Which layers of train.compile's pipeline are compiled, and its parameters' names."""
+    deepspeed.init_distributed("gloo", verbose=False)
+    pipeline = MegabytePipeline(SMALL, Layout(pp=1, tp=1, dp=1), SEED, compile_blocks=True)
+    return {"compiled": [f._compiled_call_impl is not None for f in pipeline.forward_funcs],
+            "names": list(pipeline.state_dict())}
+
+
+def test_train_compile_compiles_each_block_in_place():
+    """Only the transformer blocks; in place, so a checkpoint's names stay as they were
+    (torch.compile(module) would prefix them with _orig_mod)."""
+    result, = run_ranks(compiled_blocks, 1)
+    g, l = SMALL.global_layers, SMALL.local_layers
+    assert result["compiled"] == [False] + [True] * g + [False] + [True] * l + [False]
+    assert "1.attn.qkv.weight" in result["names"] and not any("_orig_mod" in n for n in result["names"])

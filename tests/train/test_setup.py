@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 from torch import nn
 
 from megatrain.config import ConfigError, config_to_dict, load_config
 from megatrain.model import GlobalEmbedding, Head, StageInput
 from megatrain.parallel import Layout, plan_layout, reference_model
+from deepspeed.utils.config import get_timers_config
+
 from megatrain.train import deepspeed_config, lr_at, param_groups, parse_args, resolve_config
+from megatrain.train.optim import build_optimizer
+from megatrain.train.trainer import as_batches
 from megatrain.train.distributed import discover_launcher
 from megatrain.scoring.pipeline import evaluation_config
 
@@ -66,6 +71,25 @@ def test_bf16_accumulates_gradients_in_fp32_and_user_keys_win():
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert ds["zero_optimization"] == {"stage": 1, "elastic_checkpoint": True, "reduce_bucket_size": 1000}
     assert ds["bf16"] == {"enabled": False}
+
+
+def test_deepspeeds_throughput_timer_is_off():
+    """On, it synchronizes the device at every micro-batch; megatrain times steps itself."""
+    ds = deepspeed_config(load_config(TINY), Layout(1, 1, 1))
+    assert not get_timers_config(ds).enabled  # as DeepSpeed's engine reads it
+
+
+def test_adamw_is_not_fused_on_cpu():
+    """Fused (one kernel for all parameters) where the parameters are on CUDA; not here."""
+    cfg = load_config(TINY)
+    assert build_optimizer(nn.Linear(2, 2), cfg.train).defaults["fused"] is None
+
+
+def test_batches_travel_as_bytes_and_are_widened_on_the_device():
+    """uint8 from the loader; int64 on arrival (embeddings index with it), the same bytes."""
+    x = torch.tensor([[0, 7, 255]], dtype=torch.uint8)
+    (inputs, targets), = as_batches(iter([x]), torch.device("cpu"))
+    assert inputs is targets and inputs.dtype == torch.int64 and inputs.tolist() == [[0, 7, 255]]
 
 
 def test_weight_decay_only_on_matrices():
