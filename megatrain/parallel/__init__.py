@@ -5,12 +5,14 @@
 - `patch_parallel`: the local model run on each tensor-parallel rank's share of the patches;
 - `streams`: the random stream of each tensor-parallel rank (sharded attention, local model);
 - `pipeline`: the PipelineModule that puts them together;
-- `cost`: parameters and FLOPs per layer (partitioning, MFU).
+- `cost`: parameters, FLOPs and activations per layer (partitioning, MFU);
+- `partition`: the pipeline's stages, the min-max cut of every layer by FLOPs or memory.
 """
 
 from .cost import LayerCost, layer_costs, model_flops_per_byte
 from .layout import Layout, LayoutError, layout_problems, plan_layout
 from .patch_parallel import PatchParallelLoss, PatchShare, SplitPatches, patch_share, run_on_share
+from .partition import min_max_cut, stage_loads
 from .pipeline import MegabytePipeline, build_layer, first_local_layer, pipeline_parts, reference_model
 from .streams import rank_stream_state, run_in_rank_stream, seed_rank_stream, set_rank_stream_state
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_block
@@ -18,7 +20,7 @@ from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_bloc
 __all__ = [
     "LayerCost", "layer_costs", "model_flops_per_byte", "Layout", "LayoutError", "layout_problems",
     "plan_layout", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
-    "run_on_share", "MegabytePipeline", "build_layer", "first_local_layer", "pipeline_parts", "reference_model",
+    "run_on_share", "min_max_cut", "stage_loads", "MegabytePipeline", "build_layer", "first_local_layer", "pipeline_parts", "reference_model",
     "ColumnParallelLinear", "RowParallelLinear", "shard_block", "rank_stream_state", "run_in_rank_stream",
     "seed_rank_stream", "set_rank_stream_state",
 ]

@@ -4,6 +4,10 @@ Model FLOPs per byte for training (forward + backward) follow the paper's count,
 6 * (N_global / P + N_local), layer by layer: a layer whose positions stand for p
 bytes does 6 * (its matmul parameters) / p, plus attention 12 * width * context / p
 (the PaLM convention: causal masking not discounted). Embedding lookups are free.
+
+Activations are the elements a layer keeps for backward per sequence (about 16 x width
+per position for a block: norms, q/k/v, attention output, the MLP's 4x hidden twice;
+attention's scores are not kept, scaled_dot_product_attention recomputes them).
 """
 
 from __future__ import annotations
@@ -13,13 +17,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatrain.model import MegabyteConfig, StageBlock, StageInput, layer_specs
+from megatrain.model import VOCAB_SIZE, GlobalEmbedding, MegabyteConfig, StageBlock, StageInput, layer_specs
 
 
 @dataclass(frozen=True)
 class LayerCost:
     params: int
     flops_per_byte: float
+    activations: int  # elements kept for backward per sequence
+
+
+ACTIVATIONS_PER_WIDTH = {GlobalEmbedding: 2, StageBlock: 16, StageInput: 3}
+
+
+def _activations(cfg: MegabyteConfig, cls: type, args: tuple) -> int:
+    if cls in (StageBlock, StageInput):
+        s = cfg.stages[args[1]]
+        return ACTIVATIONS_PER_WIDTH[cls] * s.dim * (cfg.seq_len // s.patch_size)
+    if cls is GlobalEmbedding:
+        return ACTIVATIONS_PER_WIDTH[cls] * cfg.seq_len * cfg.global_embed_dim
+    return cfg.seq_len * (cfg.local_dim + 2 * VOCAB_SIZE)  # the head: its input, logits, softmax
 
 
 def _bytes_per_position(cfg: MegabyteConfig, cls: type, args: tuple) -> int:
@@ -47,7 +64,7 @@ def layer_costs(cfg: MegabyteConfig) -> list[LayerCost]:
         if cls is StageBlock:
             flops += 12.0 * cfg.stages[args[1]].dim * _attention_context(cfg, args[1])
         params = sum(p.numel() for p in layer.parameters())
-        costs.append(LayerCost(params, flops / _bytes_per_position(cfg, cls, args)))
+        costs.append(LayerCost(params, flops / _bytes_per_position(cfg, cls, args), _activations(cfg, cls, args)))
     return costs
 
 

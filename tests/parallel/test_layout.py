@@ -8,7 +8,8 @@ import pytest
 
 from megatrain.config import load_config
 from megatrain.model import Head, StageInput, layer_specs
-from megatrain.parallel import LayoutError, first_local_layer, layer_costs, model_flops_per_byte, pipeline_parts, plan_layout
+from megatrain.parallel import LayoutError, first_local_layer, layer_costs, min_max_cut, model_flops_per_byte, plan_layout, stage_loads
+from megatrain.parallel.partition import pipeline_parts
 
 from ..distributed import REPO
 
@@ -46,21 +47,71 @@ def test_global_batch_must_split_into_whole_micro_batches_per_rank():
         plan_layout(cfg, 4)
 
 
-@pytest.mark.parametrize("method", ["parameters", "flops", "uniform"])
-@pytest.mark.parametrize("stages", [1, 2, 3, 4])
-def test_local_model_stays_whole_on_the_last_stage(method, stages):
+def best_bottleneck(weights: list[float], stages: int) -> float:
+    """The least largest-stage cost of any contiguous cut into `stages` non-empty parts, by
+    binary search on the bottleneck (greedy packing decides each guess): independent of the DP."""
+    def fits(limit: float) -> bool:
+        parts, load = 1, 0.0
+        for w in weights:
+            if w > limit:
+                return False
+            if load + w > limit:
+                parts, load = parts + 1, 0.0
+            load += w
+        return parts <= stages
+    lo, hi = max(weights), sum(weights)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("method", ["flops", "memory", "parameters", "uniform"])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 7])
+def test_every_stage_holds_contiguous_layers(method, stages):
     cfg = config().model
     parts = pipeline_parts(cfg, method, stages)
     assert parts[0] == 0 and parts[-1] == len(layer_specs(cfg)) and len(parts) == stages + 1
     assert all(a < b for a, b in zip(parts, parts[1:])), "every stage holds a layer"
-    assert parts[-2] <= first_local_layer(cfg)
 
 
-def test_flops_partition_balances_compute():
-    cfg = config("megabyte-text-1b").model
-    # the local model costs more per byte than the 14 global blocks: alone on its stage
-    assert pipeline_parts(cfg, "flops", 2) == [0, first_local_layer(cfg), len(layer_specs(cfg))]
-    assert pipeline_parts(cfg, "uniform", 2)[1] == 8
+@pytest.mark.parametrize("name", ["megabyte-text-1b", "megabyte-1m", "megabyte-audio", "megabyte-imagenet64"])
+@pytest.mark.parametrize("stages", [2, 4, 8])
+def test_flops_partition_balances_compute(name, stages):
+    """max / mean stage FLOPs <= 1.15, or the best any contiguous cut allows (within 2%)."""
+    cfg = config(name).model
+    parts = pipeline_parts(cfg, "flops", stages)
+    loads = stage_loads(cfg, parts)
+    weights = [c.flops_per_byte for c in layer_costs(cfg)]
+    assert sum(loads) == pytest.approx(sum(weights)) and len(loads) == stages
+    best = best_bottleneck(weights, stages)
+    assert max(loads) <= 1.15 * sum(loads) / stages or max(loads) <= 1.02 * best, (parts, loads)
+    assert max(loads) <= best * (1 + 1e-9)  # the DP is exact
+    if stages >= 4:
+        assert parts[-2] > first_local_layer(cfg), "the local model is cut too"
+
+
+def test_min_max_cut_is_exact_on_small_lists():
+    import itertools
+    weights = [5, 1, 1, 1, 9, 2, 2, 7, 3]
+    for stages in range(1, len(weights) + 1):
+        parts = min_max_cut(weights, stages)
+        best = min(max(sum(weights[a:b]) for a, b in zip(c, c[1:]))
+                   for cuts in itertools.combinations(range(1, len(weights)), stages - 1)
+                   for c in [[0, *cuts, len(weights)]])
+        assert max(sum(weights[a:b]) for a, b in zip(parts, parts[1:])) == best
+    with pytest.raises(ValueError, match="cannot cut 9 layers into 10 non-empty stages"):
+        min_max_cut(weights, 10)
+
+
+def test_memory_partition_weighs_local_activations():
+    """Local activations are T x D_L per sequence, global ones K x P*D_G: at 1m (P = 128) the
+    local blocks hold most of the memory too, so memory also cuts the local model."""
+    cfg = config("megabyte-1m").model
+    costs = layer_costs(cfg)
+    g, l = costs[1], costs[first_local_layer(cfg) + 1]
+    assert g.activations == 16 * cfg.global_dim * cfg.num_patches and l.activations == 16 * cfg.local_dim * cfg.seq_len
+    assert pipeline_parts(cfg, "memory", 2)[1] > first_local_layer(cfg)
 
 
 def test_cost_model_matches_the_paper_count():
