@@ -95,10 +95,36 @@ def load_rng_file(tag_dir: Path, stage: int, tp_rank: int, dp_rank: int) -> dict
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`)."""
+    """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`), that records
+    a failed write (a full disk) instead of raising it: DeepSpeed's save has barriers between
+    its writes, where the peers of a rank that raised would wait for it until the timeout.
+    `Trainer.save` takes the failure once every rank is past them and agrees on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Exception | None = None
 
     def load(self, path: str, map_location=None):
         return load_file(Path(path), map_location=map_location)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure is not None:  # this save has failed already: write nothing more
+            return
+        try:
+            super().save(state_dict, path)
+        except (OSError, RuntimeError) as e:  # torch reports some failed writes as RuntimeError
+            self.failure = e
+            Path(path).unlink(missing_ok=True)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        try:
+            super().makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.failure = self.failure or e
+
+    def take_failure(self) -> Exception | None:
+        failure, self.failure = self.failure, None
+        return failure
 
 
 # --- checks before training ---

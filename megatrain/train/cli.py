@@ -13,10 +13,8 @@ from megatrain.config import ConfigError, RunConfig, load_config
 from megatrain.parallel import LayoutError
 
 from .distributed import RendezvousError, leave_process_group
-from .signals import EXIT_STOPPED
+from .faults import EXIT_SETUP_ERROR, EXIT_STOPPED, RunFault
 from .trainer import RunOptions, SetupError, Trainer
-
-EXIT_SETUP_ERROR = 2
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
         leave_process_group()
-    except (ConfigError, LayoutError, SetupError, RendezvousError) as e:
+    except (ConfigError, LayoutError, SetupError, RendezvousError, RunFault) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
         leave_process_group(wait_for_peers=False)
-        return EXIT_SETUP_ERROR
+        return e.exit_code if isinstance(e, RunFault) else EXIT_SETUP_ERROR
     finally:
         if trainer is not None:
             trainer.close()

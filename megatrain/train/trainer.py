@@ -10,6 +10,7 @@ it, so that a resumed run continues exactly where this one left off
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from megatrain.scoring.pipeline import Batch, EvalPlan, pipeline_bits_per_byte, 
 
 from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
-from .distributed import init_distributed
+from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
+from .faults import NonFiniteError, SaveError, inject_nan, non_finite_count, planned_nans, training_state
 from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops, peak_memory_bytes
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
@@ -54,8 +56,8 @@ class RunOptions:
     allow_data_change: bool = False  # resume on a dataset with another fingerprint
 
 
-def on_every_rank(what: str, fn: Callable[[], T]) -> T:
-    """fn() on every rank; if it fails on any rank, SetupError on all of them, so that no
+def on_every_rank(what: str, fn: Callable[[], T], error: type[Exception] = SetupError) -> T:
+    """fn() on every rank; if it fails on any rank, `error` on all of them, so that no
     rank is left waiting in a collective for one that has given up."""
     try:
         result, error = fn(), None
@@ -65,7 +67,7 @@ def on_every_rank(what: str, fn: Callable[[], T]) -> T:
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
     if failed:
-        raise SetupError(failed[0])
+        raise error(failed[0])
     return result
 
 
@@ -117,6 +119,10 @@ class Trainer:
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
         self.val_bpb: float | None = None  # the last validation's
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.skipped_in_a_row = 0
+        self.resumed_from = resume_tag
+        self.planned_nans = planned_nans(self.world.rank)  # test-only fault injection
         if resume_tag is not None:  # last: no setup step draws from the restored streams
             self.load(resume_tag)
         self.stop = StopRequest()
@@ -164,20 +170,46 @@ class Trainer:
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
                 "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
-                "val_bpb": self.val_bpb}
+                "val_bpb": self.val_bpb, "skipped_steps": self.skipped_steps}
+
+    def last_good_checkpoint(self) -> str:
+        """The checkpoint a run that stops on a fault can be resumed from, for its message."""
+        latest = Path(self.options.save) / "latest" if self.options.save else None
+        if latest is not None and latest.exists():
+            return str(latest.parent / latest.read_text().strip())
+        return str(self.resumed_from) if self.resumed_from else "none (no checkpoint was saved)"
 
     def save(self) -> None:
-        """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
+        """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`).
+        Refused when any rank's state is non-finite; a write that fails on any rank (a full
+        disk) fails the save on every rank, and its partial files are removed."""
         save_dir, step = Path(self.options.save), self.engine.global_steps
-        partial = partial_tag(step)
-        self.engine.save_checkpoint(str(save_dir), tag=partial, client_state=self.client_state(), save_latest=False)
-        torch.save(checkpointing.rng_state(),
-                   checkpointing.rng_file(save_dir / partial, self.stage, self.tp_rank, self.dp_rank))
-        dist.barrier()
-        if self.world.rank == 0:
-            commit(save_dir, step)
-            checkpointing.prune(save_dir, self.options.keep_last)
-        dist.barrier()
+        if agree(int(non_finite_count(training_state(self.engine)))):
+            raise NonFiniteError(f"refusing to save step {step}: the weights or optimizer state hold NaN or "
+                                 f"Inf; the last good checkpoint is {self.last_good_checkpoint()}")
+        partial = save_dir / partial_tag(step)
+        self.engine.save_checkpoint(str(save_dir), tag=partial.name, client_state=self.client_state(),
+                                    save_latest=False)
+
+        def write_rng_state() -> None:
+            if (failure := self.engine.checkpoint_engine.take_failure()) is not None:
+                raise failure
+            torch.save(checkpointing.rng_state(), checkpointing.rng_file(partial, self.stage, self.tp_rank,
+                                                                         self.dp_rank))
+
+        def commit_on_rank0() -> None:
+            if self.world.rank == 0:
+                commit(save_dir, step)
+                checkpointing.prune(save_dir, self.options.keep_last)
+
+        try:
+            on_every_rank(f"--save {save_dir}", write_rng_state, SaveError)
+            on_every_rank(f"--save {save_dir}", commit_on_rank0, SaveError)
+        except SaveError as e:
+            if self.world.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise SaveError(f"{e} (saving step {step}); the last complete checkpoint is "
+                            f"{self.last_good_checkpoint()}") from None
 
     def load(self, tag: Path) -> None:
         """Resume from a tag directory that `check_resumable` accepted."""
@@ -195,6 +227,7 @@ class Trainer:
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         self.val_bpb = client.get("val_bpb")
+        self.skipped_steps = client.get("skipped_steps", 0)
         data = client.get("data")
         if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
             self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
@@ -220,9 +253,13 @@ class Trainer:
         """One optimizer step over a global batch; its metrics."""
         engine = self.engine
         lr = engine.get_lr()[0]
+        undo = inject_nan(engine, self.planned_nans[engine.global_steps + 1]) \
+            if engine.global_steps + 1 in self.planned_nans else None
         start = time.perf_counter()
         loss = engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - start
+        if undo is not None:
+            undo()
         bytes_per_s = engine.train_batch_size() * self.cfg.model.seq_len / seconds
         record = {"step": engine.global_steps, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr,
                   "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds,
@@ -230,6 +267,15 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        # DeepSpeed's optimizer skips the update when the gradient norm is NaN / Inf (which a
+        # non-finite loss makes it), deciding it by one all-reduce over every rank
+        if engine.was_step_applied():
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            record["skipped"] = "non-finite loss" if not np.isfinite(loss) else "non-finite gradient norm"
+        record["skipped_steps"] = self.skipped_steps
         return record
 
     def evaluate(self) -> dict[str, float]:
@@ -251,6 +297,10 @@ class Trainer:
                 self.val_bpb = record["val_bpb"]  # the model card's, when exported
             if self.metrics:
                 self.metrics.write(record)
+            if self.skipped_in_a_row >= t.max_skipped_steps:
+                raise NonFiniteError(f"{self.skipped_in_a_row} optimizer steps in a row (train.max_skipped_steps) "
+                                     f"had a non-finite loss or gradient norm, up to step {step}; the last "
+                                     f"good checkpoint is {self.last_good_checkpoint()}")
             if save and t.save_interval and step % t.save_interval == 0:
                 self.save()
                 saved = step

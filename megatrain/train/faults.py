@@ -1,0 +1,75 @@
+"""What ends a run on a fault, and with which exit code (the README's "Faults" table).
+
+Every fault is decided alike on every rank, so that all ranks stop after the same step
+and none is left waiting in a collective for one that has given up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import torch
+
+EXIT_SETUP_ERROR = 2  # bad config, layout, data or --load: nothing trained
+EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
+EXIT_NON_FINITE = 4  # train.max_skipped_steps non-finite steps in a row, or a save of non-finite state refused
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (e.g. a full disk); `latest` names the last complete one
+
+
+class RunFault(RuntimeError):
+    """A fault that ends a run with its own exit code, raised on every rank alike."""
+
+    exit_code = 1
+
+
+class NonFiniteError(RunFault):
+    exit_code = EXIT_NON_FINITE
+
+
+class SaveError(RunFault):
+    exit_code = EXIT_SAVE_FAILED
+
+
+def non_finite_count(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """How many of `tensors` hold a NaN or Inf, as a tensor (no host sync)."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.int64)
+
+
+def training_state(engine) -> list[torch.Tensor]:
+    """This rank's weights, its optimizer's master copies and moments: what a checkpoint holds."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    tensors = [p.detach() for p in engine.module.parameters()]
+    tensors += [p.detach() for group in inner.param_groups for p in group["params"]]
+    tensors += [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+# --- test-only: faults injected for real into a training run ---
+
+INJECT_NAN = "MEGATRAIN_TEST_INJECT_NAN"  # "WHAT@STEP@RANK,...": WHAT is param (stays) or loss (one step)
+
+
+def planned_nans(rank: int) -> dict[int, str]:
+    """The NaNs the test asked this rank to inject, by optimizer step."""
+    plan = {}
+    for item in filter(None, os.environ.get(INJECT_NAN, "").split(",")):
+        what, step, at_rank = item.split("@")
+        if int(at_rank) == rank:
+            plan[int(step)] = what
+    return plan
+
+
+def inject_nan(engine, what: str) -> Callable[[], None]:
+    """A NaN in this rank's first parameter (it stays: no skipped step overwrites it), or in
+    the loss of the next optimizer step only; returns what undoes it after that step."""
+    if what == "param":
+        with torch.no_grad():
+            next(engine.module.parameters()).view(-1)[0] = float("nan")
+        return lambda: None
+    if what == "loss":
+        module, loss_fn = engine.module, engine.module.loss_fn
+        module.loss_fn = lambda *args: loss_fn(*args) * float("nan")
+        return lambda: setattr(module, "loss_fn", loss_fn)
+    raise ValueError(f"{INJECT_NAN}: unknown fault {what!r} (param or loss)")
