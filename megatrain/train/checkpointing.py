@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import functools
 import random
-import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,11 +22,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import megatrain
-from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag
+from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag, step_tags
 from megatrain.parallel import rank_stream_state, set_rank_stream_state
 from megatrain.parallel.streams import STREAM
-
-_STEP_TAG = re.compile(r"global_step(\d+)")
 
 
 @functools.cache
@@ -108,19 +105,21 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
         return load_file(Path(path), map_location=map_location)
 
     def save(self, state_dict, path: str) -> None:
-        if self.failure is not None:  # this save has failed already: write nothing more
-            return
-        try:
-            super().save(state_dict, path)
-        except (OSError, RuntimeError) as e:  # torch reports some failed writes as RuntimeError
-            self.failure = e
-            Path(path).unlink(missing_ok=True)
+        self.guarded(lambda: super(SafeCheckpointEngine, self).save(state_dict, path), Path(path))
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.guarded(lambda: super(SafeCheckpointEngine, self).makedirs(path, exist_ok=exist_ok))
+
+    def guarded(self, write: Callable[[], None], path: Path | None = None) -> None:
+        """write(), unless this save has failed already; a failure is recorded and the file removed."""
+        if self.failure is not None:
+            return
         try:
-            super().makedirs(path, exist_ok=exist_ok)
-        except OSError as e:
-            self.failure = self.failure or e
+            write()
+        except (OSError, RuntimeError) as e:  # torch reports some failed writes as RuntimeError
+            self.failure = e
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def take_failure(self) -> Exception | None:
         failure, self.failure = self.failure, None
@@ -129,7 +128,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
 # --- checks before training ---
 
-def check_resumable(ckpt: str, model_config: dict[str, Any], fingerprint: str | None,
+def check_resumable(ckpt: str | Path, model_config: dict[str, Any], fingerprint: str | None,
                     allow_data_change: bool) -> Path:
     """The tag directory that `--load ckpt` resumes from; CheckpointError naming the
     mismatch if it cannot resume this run."""
@@ -158,7 +157,6 @@ def prune(save_dir: Path, keep_last: int | None) -> None:
     if not keep_last:
         return
     latest = (save_dir / "latest").read_text().strip()
-    steps = sorted((int(m[1]), p) for p in save_dir.iterdir() if (m := _STEP_TAG.fullmatch(p.name)))
-    for _, old in steps[:-keep_last]:
+    for old in step_tags(save_dir)[keep_last:]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
+from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state, resolve_tag
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, read_split
 from megatrain.data.format import Manifest
@@ -56,8 +56,8 @@ class RunOptions:
     allow_data_change: bool = False  # resume on a dataset with another fingerprint
 
 
-def on_every_rank(what: str, fn: Callable[[], T], error: type[Exception] = SetupError) -> T:
-    """fn() on every rank; if it fails on any rank, `error` on all of them, so that no
+def on_every_rank(what: str, fn: Callable[[], T], fails_as: type[Exception] = SetupError) -> T:
+    """fn() on every rank; if it fails on any rank, `fails_as` on all of them, so that no
     rank is left waiting in a collective for one that has given up."""
     try:
         result, error = fn(), None
@@ -67,7 +67,7 @@ def on_every_rank(what: str, fn: Callable[[], T], error: type[Exception] = Setup
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
     if failed:
-        raise error(failed[0])
+        raise fails_as(failed[0])
     return result
 
 
@@ -108,14 +108,17 @@ class Trainer:
         self.train_data = on_every_rank("training data", self._open_train_data)
         self.validation = on_every_rank("validation data", self._plan_validation)
         self.fingerprint = on_every_rank("dataset fingerprint", self._dataset_fingerprint)
-        resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
+        resume_tag = self._resume_tag() if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing))
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
-        self.engine.checkpoint_engine = SafeCheckpointEngine()
+        self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
+        # rank 0 copies DeepSpeed's recovery scripts into --save with each save, past its engine
+        copy_scripts = self.engine._copy_recovery_script
+        self.engine._copy_recovery_script = lambda path: checkpoint_engine.guarded(lambda: copy_scripts(path))
         self.batches = as_batches(self.train_data) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
         self.val_bpb: float | None = None  # the last validation's
@@ -131,9 +134,16 @@ class Trainer:
     def _dataset_fingerprint(self) -> str:
         return Manifest.load(self.cfg.data.path).fingerprint
 
-    def _check_resumable(self) -> Path:
-        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.fingerprint,
-                                             self.options.allow_data_change)
+    def _resume_tag(self) -> Path:
+        """The tag `--load` resumes: rank 0 alone checks its files' checksums (each rank reading
+        every file would multiply the cost) and may fall back to an older tag; then every rank
+        checks that one."""
+        load = self.options.load
+        chosen = [on_every_rank(f"--load {load}",
+                                lambda: resolve_tag(load, verify=True) if self.world.rank == 0 else None)]
+        dist.broadcast_object_list(chosen, src=0)
+        return on_every_rank(f"--load {load}", lambda: checkpointing.check_resumable(
+            chosen[0], config_to_dict(self.cfg)["model"], self.fingerprint, self.options.allow_data_change))
 
     def _open_metrics(self) -> MetricsLog | None:
         """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own."""
