@@ -10,10 +10,11 @@ from dataclasses import replace
 from typing import Sequence
 
 from megatrain.config import ConfigError, RunConfig, load_config
+from megatrain.data.format import CorruptShardError
 from megatrain.parallel import LayoutError
 
 from .distributed import RendezvousError, leave_process_group
-from .faults import EXIT_SETUP_ERROR, EXIT_STOPPED, RunFault
+from .faults import EXIT_CORRUPT_DATA, EXIT_SETUP_ERROR, EXIT_STOPPED, RunFault
 from .trainer import RunOptions, SetupError, Trainer
 
 
@@ -70,9 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
         leave_process_group()
-    except (ConfigError, LayoutError, SetupError, RendezvousError, RunFault) as e:
+    except (ConfigError, LayoutError, SetupError, RendezvousError, RunFault, CorruptShardError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
         leave_process_group(wait_for_peers=False)
+        if isinstance(e, CorruptShardError):  # data.on_corrupt: error, met mid-run by this rank
+            return EXIT_CORRUPT_DATA
         return e.exit_code if isinstance(e, RunFault) else EXIT_SETUP_ERROR
     finally:
         if trainer is not None:

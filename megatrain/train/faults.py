@@ -15,6 +15,7 @@ EXIT_SETUP_ERROR = 2  # bad config, layout, data or --load: nothing trained
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
 EXIT_NON_FINITE = 4  # train.max_skipped_steps non-finite steps in a row, or a save of non-finite state refused
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (e.g. a full disk); `latest` names the last complete one
+EXIT_CORRUPT_DATA = 6  # a corrupt shard met with data.on_corrupt: error (on the ranks that read it)
 
 
 class RunFault(RuntimeError):

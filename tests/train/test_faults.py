@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatrain.train.faults import EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_SETUP_ERROR, INJECT_NAN
+from megatrain.train.faults import (EXIT_CORRUPT_DATA, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_SETUP_ERROR,
+                                    INJECT_NAN)
 
 from ..distributed import REPO, launch
 
@@ -120,3 +122,13 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_last_checkpoint(
     assert job.output.count(f"the last complete checkpoint is {ckpt / 'global_step2'}") == 2
     assert (ckpt / "latest").read_text() == "global_step2"
     assert not list(ckpt.glob(".partial-*")) and verify(ckpt).returncode == 0
+
+
+def test_a_corrupt_shard_stops_the_run_naming_it(tiny_shards, cpu_comm, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    shard = shards / "train-00000.arrow"
+    os.truncate(shard, shard.stat().st_size * 3 // 5)  # the manifest is left as it was
+    job, steps = pretrain(tmp_path, shards, 2, "corrupt", "--train-steps", "4", "--set", "data.on_corrupt=error")
+    assert job.rank_codes == [EXIT_CORRUPT_DATA] * 2, job.output[-3000:]
+    assert job.output.count(f"error: corrupt shard {shard}") == 2 and not steps
