@@ -6,9 +6,12 @@ and none is left waiting in a collective for one that has given up.
 
 from __future__ import annotations
 
+import math
 import os
+from collections import deque
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 EXIT_SETUP_ERROR = 2  # bad config, layout, data or --load: nothing trained
@@ -47,30 +50,56 @@ def training_state(engine) -> list[torch.Tensor]:
     return tensors
 
 
+class SpikeDetector:
+    """Flags a loss above mean + sigma standard deviations of the last `window` steps' losses
+    (OLMo-core flags 6 sigma); spikes and non-finite losses stay out of the window. Every
+    rank sees the same losses (the engine's data-parallel mean), so all flag alike."""
+
+    def __init__(self, window: int, sigma: float, losses: Iterable[float] = ()) -> None:
+        self.sigma = sigma
+        self.losses: deque[float] = deque(losses, maxlen=window)
+
+    def threshold(self) -> float | None:
+        if not self.losses or len(self.losses) < self.losses.maxlen:
+            return None
+        return float(np.mean(self.losses) + self.sigma * np.std(self.losses))
+
+    def is_spike(self, loss: float) -> bool:
+        threshold = self.threshold()
+        if threshold is not None and loss > threshold:
+            return True
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        return False
+
+
 # --- test-only: faults injected for real into a training run ---
 
-INJECT_NAN = "MEGATRAIN_TEST_INJECT_NAN"  # "WHAT@STEP@RANK,...": WHAT is param (stays) or loss (one step)
+INJECT_FAULT = "MEGATRAIN_TEST_INJECT_FAULT"  # "WHAT@STEP@RANK,...", WHAT in FAULTS
+SPIKE_FACTOR = 50.0
 
 
-def planned_nans(rank: int) -> dict[int, str]:
-    """The NaNs the test asked this rank to inject, by optimizer step."""
+def planned_faults(rank: int) -> dict[int, str]:
+    """The faults the test asked this rank to inject, by optimizer step."""
     plan = {}
-    for item in filter(None, os.environ.get(INJECT_NAN, "").split(",")):
+    for item in filter(None, os.environ.get(INJECT_FAULT, "").split(",")):
         what, step, at_rank = item.split("@")
         if int(at_rank) == rank:
             plan[int(step)] = what
     return plan
 
 
-def inject_nan(engine, what: str) -> Callable[[], None]:
-    """A NaN in this rank's first parameter (it stays: no skipped step overwrites it), or in
-    the loss of the next optimizer step only; returns what undoes it after that step."""
+def inject_fault(engine, what: str) -> Callable[[], None]:
+    """A NaN in this rank's first parameter ("param": it stays, no skipped step overwrites it),
+    or in the loss of the next optimizer step ("loss"), or that loss SPIKE_FACTOR times as
+    large ("spike"); returns what undoes it after that step."""
     if what == "param":
         with torch.no_grad():
             next(engine.module.parameters()).view(-1)[0] = float("nan")
         return lambda: None
-    if what == "loss":
-        module, loss_fn = engine.module, engine.module.loss_fn
-        module.loss_fn = lambda *args: loss_fn(*args) * float("nan")
-        return lambda: setattr(module, "loss_fn", loss_fn)
-    raise ValueError(f"{INJECT_NAN}: unknown fault {what!r} (param or loss)")
+    factor = {"loss": float("nan"), "spike": SPIKE_FACTOR}.get(what)
+    if factor is None:
+        raise ValueError(f"{INJECT_FAULT}: unknown fault {what!r} (param, loss or spike)")
+    module, loss_fn = engine.module, engine.module.loss_fn
+    module.loss_fn = lambda *args: loss_fn(*args) * factor
+    return lambda: setattr(module, "loss_fn", loss_fn)

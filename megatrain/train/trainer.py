@@ -32,7 +32,8 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
-from .faults import NonFiniteError, SaveError, inject_nan, non_finite_count, planned_nans, training_state
+from .faults import (NonFiniteError, SaveError, SpikeDetector, inject_fault, non_finite_count, planned_faults,
+                     training_state)
 from .metrics import MetricsLog, bits_per_byte, measure_matmul_tflops, peak_memory_bytes
 from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
@@ -125,7 +126,8 @@ class Trainer:
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
         self.skipped_in_a_row = 0
         self.resumed_from = resume_tag
-        self.planned_nans = planned_nans(self.world.rank)  # test-only fault injection
+        self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
+        self.planned_faults = planned_faults(self.world.rank)  # test-only fault injection
         if resume_tag is not None:  # last: no setup step draws from the restored streams
             self.load(resume_tag)
         self.stop = StopRequest()
@@ -180,7 +182,8 @@ class Trainer:
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
                 "data": data, "dataset_fingerprint": self.fingerprint, "code_version": checkpointing.code_version(),
-                "val_bpb": self.val_bpb, "skipped_steps": self.skipped_steps}
+                "val_bpb": self.val_bpb, "skipped_steps": self.skipped_steps,
+                "recent_losses": list(self.spikes.losses)}
 
     def last_good_checkpoint(self) -> str:
         """The checkpoint a run that stops on a fault can be resumed from, for its message."""
@@ -238,6 +241,8 @@ class Trainer:
             group["lr"] = lr
         self.val_bpb = client.get("val_bpb")
         self.skipped_steps = client.get("skipped_steps", 0)
+        self.spikes = SpikeDetector(self.cfg.train.spike_window, self.cfg.train.spike_sigma,
+                                    client.get("recent_losses", ()))
         data = client.get("data")
         if self.train_data is not None and data and data["fingerprint"] == self.train_data.fingerprint:
             self.train_data.load_state_dict(data)  # else --allow-data-change: the new data from its start
@@ -263,8 +268,8 @@ class Trainer:
         """One optimizer step over a global batch; its metrics."""
         engine = self.engine
         lr = engine.get_lr()[0]
-        undo = inject_nan(engine, self.planned_nans[engine.global_steps + 1]) \
-            if engine.global_steps + 1 in self.planned_nans else None
+        undo = inject_fault(engine, self.planned_faults[engine.global_steps + 1]) \
+            if engine.global_steps + 1 in self.planned_faults else None
         start = time.perf_counter()
         loss = engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - start
@@ -286,6 +291,13 @@ class Trainer:
             self.skipped_in_a_row += 1
             record["skipped"] = "non-finite loss" if not np.isfinite(loss) else "non-finite gradient norm"
         record["skipped_steps"] = self.skipped_steps
+        threshold = self.spikes.threshold()
+        if self.cfg.train.spike_window and self.spikes.is_spike(loss):
+            record["loss_spike"] = True
+            if self.world.rank == 0:
+                print(f"warning: step {record['step']}: loss spike, {loss:.4f} above {threshold:.4f} (mean + "
+                      f"{self.cfg.train.spike_sigma:g} sigma of the last {self.cfg.train.spike_window} steps)",
+                      flush=True)
         return record
 
     def evaluate(self) -> dict[str, float]:

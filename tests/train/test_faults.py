@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatrain.train.faults import (EXIT_CORRUPT_DATA, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_SETUP_ERROR,
-                                    INJECT_NAN)
+                                    INJECT_FAULT)
 
 from ..distributed import REPO, launch
 
@@ -43,10 +43,10 @@ def test_non_finite_steps_are_skipped_alike_and_damaged_checkpoints_are_refused_
     ckpt = tmp_path / "ckpt"
     # step 2: one NaN loss on rank 1 (its gradients reach rank 0 by the all-reduce);
     # from step 5: a NaN weight on rank 0, so that every later step is non-finite
-    monkeypatch.setenv(INJECT_NAN, "loss@2@1,param@5@0")
+    monkeypatch.setenv(INJECT_FAULT, "loss@2@1,param@5@0")
     job, steps = pretrain(tmp_path, tiny_shards, 2, "faulty", "--train-steps", "8", "--save", str(ckpt),
                           "--save-interval", "2", "--set", "train.max_skipped_steps=2")
-    monkeypatch.delenv(INJECT_NAN)
+    monkeypatch.delenv(INJECT_FAULT)
     assert job.rank_codes == [EXIT_NON_FINITE] * 2, job.output[-3000:]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # stopped after 2 skipped steps in a row
     assert steps[2]["skipped"] == "non-finite loss" and steps[2]["skipped_steps"] == 1
@@ -85,7 +85,7 @@ def test_non_finite_steps_are_skipped_alike_and_damaged_checkpoints_are_refused_
 def test_a_non_finite_state_is_never_saved_in_a_pipeline_and_tensor_parallel_run(
         tiny_shards, cpu_comm, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    monkeypatch.setenv(INJECT_NAN, "param@3@3")  # last stage, tensor-parallel rank 1
+    monkeypatch.setenv(INJECT_FAULT, "param@3@3")  # last stage, tensor-parallel rank 1
     job, steps = pretrain(tmp_path, tiny_shards, 4, "poisoned", "--pp", "2", "--tp", "2", "--train-steps", "6",
                           "--set", "train.precision=bf16",  # the dp=2 test is fp32: both skip
                           "--save", str(ckpt), "--save-interval", "2", "--keep-last", "1")
@@ -111,11 +111,14 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
-def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_last_checkpoint(tiny_shards, cpu_comm,
-                                                                                tmp_path, tiny_disk):
+def test_a_loss_spike_is_flagged_and_a_full_disk_fails_the_save_on_every_rank(tiny_shards, cpu_comm,
+                                                                             tmp_path, tiny_disk, monkeypatch):
     ckpt = tiny_disk / "ckpt"
+    monkeypatch.setenv(INJECT_FAULT, "spike@3@1")
     job, steps = pretrain(tmp_path, tiny_shards, 2, "full", "--train-steps", "6", "--save", str(ckpt),
-                          "--save-interval", "2")
+                          "--save-interval", "2", "--set", "train.spike_window=2", "--set", "train.spike_sigma=3")
+    assert [s for s in steps if steps[s].get("loss_spike")] == [3]
+    assert job.output.count("warning: step 3: loss spike") == 1  # rank 0 says it
     assert job.rank_codes == [EXIT_SAVE_FAILED] * 2, job.output[-3000:]
     assert sorted(steps) == [1, 2, 3, 4]
     assert job.output.count("No space left on device") >= 2  # every rank says why
