@@ -66,7 +66,7 @@ class SpikeDetector:
 
     def is_spike(self, loss: float) -> bool:
         threshold = self.threshold()
-        if False and threshold is not None and loss > threshold:
+        if threshold is not None and loss > threshold:
             return True
         if math.isfinite(loss):
             self.losses.append(loss)
