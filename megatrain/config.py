@@ -39,6 +39,13 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Steps whose loss or gradient norm is NaN / Inf on any rank are skipped on every rank;
+    # this many in a row stop the run (exit code 4).
+    max_skipped_steps: int = 5
+    # A loss above mean + spike_sigma std of the last spike_window steps is logged as a
+    # spike (`loss_spike` in the metrics line); 0 switches the detector off.
+    spike_window: int = 100
+    spike_sigma: float = 6.0
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 1234
     activation_checkpointing: bool = False
@@ -68,7 +75,7 @@ class TrainConfig:
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for each inconsistency; empty when the settings are usable."""
         out = [(name, f"must be positive, got {getattr(self, name)}")
-               for name in ("micro_batch_size", "grad_accum_steps") if getattr(self, name) < 1]
+               for name in ("micro_batch_size", "grad_accum_steps", "max_skipped_steps") if getattr(self, name) < 1]
         if self.global_batch_size < 0:
             out.append(("global_batch_size", f"must be 0 (not fixed) or positive, got {self.global_batch_size}"))
         elif self.global_batch_size and self.grad_accum_steps != 1:

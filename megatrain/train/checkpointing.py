@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import functools
 import random
-import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -23,12 +22,10 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 import megatrain
-from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag
+from megatrain.checkpoint import PARTIAL, CheckpointError, load_file, read_client_state, resolve_tag, step_tags
 from megatrain.data.mixture import mixture_change
 from megatrain.parallel import rank_stream_state, set_rank_stream_state
 from megatrain.parallel.streams import STREAM
-
-_STEP_TAG = re.compile(r"global_step(\d+)")
 
 
 @functools.cache
@@ -96,10 +93,38 @@ def load_rng_file(tag_dir: Path, stage: int, tp_rank: int, dp_rank: int) -> dict
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`)."""
+    """DeepSpeed's torch engine, loading with `weights_only=True` (`load_file`), that records
+    a failed write (a full disk) instead of raising it: DeepSpeed's save has barriers between
+    its writes, where the peers of a rank that raised would wait for it until the timeout.
+    `Trainer.save` takes the failure once every rank is past them and agrees on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Exception | None = None
 
     def load(self, path: str, map_location=None):
         return load_file(Path(path), map_location=map_location)
+
+    def save(self, state_dict, path: str) -> None:
+        self.guarded(lambda: super(SafeCheckpointEngine, self).save(state_dict, path), Path(path))
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.guarded(lambda: super(SafeCheckpointEngine, self).makedirs(path, exist_ok=exist_ok))
+
+    def guarded(self, write: Callable[[], None], path: Path | None = None) -> None:
+        """write(), unless this save has failed already; a failure is recorded and the file removed."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except (OSError, RuntimeError) as e:  # torch reports some failed writes as RuntimeError
+            self.failure = e
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def take_failure(self) -> Exception | None:
+        failure, self.failure = self.failure, None
+        return failure
 
 
 # --- checks before training ---
@@ -111,7 +136,7 @@ def saved_mixture(client: dict[str, Any]) -> list[dict]:
     return [{"name": None, "fingerprint": (client.get("data") or {}).get("fingerprint"), "weight": 1.0}]
 
 
-def check_resumable(ckpt: str, model_config: dict[str, Any], data: str | list[dict] | None,
+def check_resumable(ckpt: str | Path, model_config: dict[str, Any], data: str | list[dict] | None,
                     allow_data_change: bool) -> Path:
     """The tag directory that `--load ckpt` resumes from; CheckpointError naming the
     mismatch if it cannot resume this run. `data`: this run's mixture records (or the
@@ -148,7 +173,6 @@ def prune(save_dir: Path, keep_last: int | None) -> None:
     if not keep_last:
         return
     latest = (save_dir / "latest").read_text().strip()
-    steps = sorted((int(m[1]), p) for p in save_dir.iterdir() if (m := _STEP_TAG.fullmatch(p.name)))
-    for _, old in steps[:-keep_last]:
+    for old in step_tags(save_dir)[keep_last:]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)

@@ -10,13 +10,12 @@ from dataclasses import replace
 from typing import Sequence
 
 from megatrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_source
+from megatrain.data.format import CorruptShardError
 from megatrain.parallel import LayoutError
 
 from .distributed import RendezvousError, leave_process_group
-from .signals import EXIT_STOPPED
+from .faults import EXIT_CORRUPT_DATA, EXIT_SETUP_ERROR, EXIT_STOPPED, RunFault
 from .trainer import RunOptions, SetupError, Trainer
-
-EXIT_SETUP_ERROR = 2
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -86,10 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           keep_last=args.keep_last, allow_data_change=args.allow_data_change))
         trainer.run()
         leave_process_group()
-    except (ConfigError, LayoutError, SetupError, RendezvousError) as e:
+    except (ConfigError, LayoutError, SetupError, RendezvousError, RunFault, CorruptShardError) as e:
         print(f"[rank {os.environ.get('RANK', 0)}] pretrain.py: error: {e}", file=sys.stderr, flush=True)
         leave_process_group(wait_for_peers=False)
-        return EXIT_SETUP_ERROR
+        if isinstance(e, CorruptShardError):  # data.on_corrupt: error, met mid-run by this rank
+            return EXIT_CORRUPT_DATA
+        return e.exit_code if isinstance(e, RunFault) else EXIT_SETUP_ERROR
     finally:
         if trainer is not None:
             trainer.close()

@@ -17,9 +17,9 @@ import time
 import torch.distributed as dist
 
 from .distributed import agree
+from .faults import EXIT_STOPPED  # noqa: F401  (callers import it from here too)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
 REPEAT_S = 10.0  # a signal handled this soon after the first is the same request delivered twice
 
 

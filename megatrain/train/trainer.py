@@ -10,6 +10,7 @@ it, so that a resumed run continues exactly where this one left off
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state
+from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state, resolve_tag
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, MixedStream, read_split
 from megatrain.data.mixture import Source, mixture_change, open_sources
@@ -31,8 +32,10 @@ from megatrain.scoring.pipeline import Batch, EvalPlan, pipeline_bits_per_byte, 
 
 from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
-from .distributed import init_distributed
+from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
+from .faults import (NonFiniteError, SaveError, SpikeDetector, inject_fault, non_finite_count, planned_faults,
+                     training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
 from .optim import build_optimizer, lr_schedule
@@ -57,8 +60,8 @@ class RunOptions:
     allow_data_change: bool = False  # resume on other data (another dataset or mixture)
 
 
-def on_every_rank(what: str, fn: Callable[[], T]) -> T:
-    """fn() on every rank; if it fails on any rank, SetupError on all of them, so that no
+def on_every_rank(what: str, fn: Callable[[], T], fails_as: type[Exception] = SetupError) -> T:
+    """fn() on every rank; if it fails on any rank, `fails_as` on all of them, so that no
     rank is left waiting in a collective for one that has given up."""
     try:
         result, error = fn(), None
@@ -68,7 +71,7 @@ def on_every_rank(what: str, fn: Callable[[], T]) -> T:
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
     if failed:
-        raise SetupError(failed[0])
+        raise fails_as(failed[0])
     return result
 
 
@@ -116,7 +119,7 @@ class Trainer:
             [(s.name, s.path, s.weight) for s in cfg.data.source_list()]))
         self.train_data = on_every_rank("training data", self._open_train_data)
         self.validation = on_every_rank("validation data", self._plan_validation)
-        resume_tag = on_every_rank(f"--load {options.load}", self._check_resumable) if options.load else None
+        resume_tag = self._resume_tag() if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
                                  compile_blocks=cfg.train.compile)
@@ -125,10 +128,18 @@ class Trainer:
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
-        self.engine.checkpoint_engine = SafeCheckpointEngine()
+        self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
+        # rank 0 copies DeepSpeed's recovery scripts into --save with each save, past its engine
+        copy_scripts = self.engine._copy_recovery_script
+        self.engine._copy_recovery_script = lambda path: checkpoint_engine.guarded(lambda: copy_scripts(path))
         self.batches = as_batches(self.train_data, self.engine.device) if self.train_data is not None else None
         self.metrics = on_every_rank("--metrics", self._open_metrics)
         self.val_bpb: float | None = None  # the last validation's
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.skipped_in_a_row = 0
+        self.resumed_from = resume_tag
+        self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
+        self.planned_faults = planned_faults(self.world.rank)  # test-only fault injection
         if resume_tag is not None:  # last: no setup step draws from the restored streams
             self.load(resume_tag)
         self.stop = StopRequest()
@@ -145,9 +156,16 @@ class Trainer:
             return self.sources[0].fingerprint
         return ", ".join(f"{s.name}={s.fingerprint}" for s in self.sources)
 
-    def _check_resumable(self) -> Path:
-        return checkpointing.check_resumable(self.options.load, config_to_dict(self.cfg)["model"], self.mixture,
-                                             self.options.allow_data_change)
+    def _resume_tag(self) -> Path:
+        """The tag `--load` resumes: rank 0 alone checks its files' checksums (each rank reading
+        every file would multiply the cost) and may fall back to an older tag; then every rank
+        checks that one."""
+        load = self.options.load
+        chosen = [on_every_rank(f"--load {load}",
+                                lambda: resolve_tag(load, verify=True) if self.world.rank == 0 else None)]
+        dist.broadcast_object_list(chosen, src=0)
+        return on_every_rank(f"--load {load}", lambda: checkpointing.check_resumable(
+            chosen[0], config_to_dict(self.cfg)["model"], self.mixture, self.options.allow_data_change))
 
     def _open_metrics(self) -> MetricsLog | None:
         """Rank 0 reports; MFU is measured against train.peak_tflops or the device's own, and in
@@ -191,20 +209,47 @@ class Trainer:
         return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
                                                                "dp": self.layout.dp},
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
-                "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb}
+                "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
+                "skipped_steps": self.skipped_steps, "recent_losses": list(self.spikes.losses)}
+
+    def last_good_checkpoint(self) -> str:
+        """The checkpoint a run that stops on a fault can be resumed from, for its message."""
+        latest = Path(self.options.save) / "latest" if self.options.save else None
+        if latest is not None and latest.exists():
+            return str(latest.parent / latest.read_text().strip())
+        return str(self.resumed_from) if self.resumed_from else "none (no checkpoint was saved)"
 
     def save(self) -> None:
-        """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`)."""
+        """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`).
+        Refused when any rank's state is non-finite; a write that fails on any rank (a full
+        disk) fails the save on every rank, and its partial files are removed."""
         save_dir, step = Path(self.options.save), self.engine.global_steps
-        partial = partial_tag(step)
-        self.engine.save_checkpoint(str(save_dir), tag=partial, client_state=self.client_state(), save_latest=False)
-        torch.save(checkpointing.rng_state(),
-                   checkpointing.rng_file(save_dir / partial, self.stage, self.tp_rank, self.dp_rank))
-        dist.barrier()
-        if self.world.rank == 0:
-            commit(save_dir, step)
-            checkpointing.prune(save_dir, self.options.keep_last)
-        dist.barrier()
+        if agree(int(non_finite_count(training_state(self.engine)))):
+            raise NonFiniteError(f"refusing to save step {step}: the weights or optimizer state hold NaN or "
+                                 f"Inf; the last good checkpoint is {self.last_good_checkpoint()}")
+        partial = save_dir / partial_tag(step)
+        self.engine.save_checkpoint(str(save_dir), tag=partial.name, client_state=self.client_state(),
+                                    save_latest=False)
+
+        def write_rng_state() -> None:
+            if (failure := self.engine.checkpoint_engine.take_failure()) is not None:
+                raise failure
+            torch.save(checkpointing.rng_state(), checkpointing.rng_file(partial, self.stage, self.tp_rank,
+                                                                         self.dp_rank))
+
+        def commit_on_rank0() -> None:
+            if self.world.rank == 0:
+                commit(save_dir, step)
+                checkpointing.prune(save_dir, self.options.keep_last)
+
+        try:
+            on_every_rank(f"--save {save_dir}", write_rng_state, SaveError)
+            on_every_rank(f"--save {save_dir}", commit_on_rank0, SaveError)
+        except SaveError as e:
+            if self.world.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise SaveError(f"{e} (saving step {step}); the last complete checkpoint is "
+                            f"{self.last_good_checkpoint()}") from None
 
     def load(self, tag: Path) -> None:
         """Resume from a tag directory that `check_resumable` accepted."""
@@ -222,6 +267,9 @@ class Trainer:
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         self.val_bpb = client.get("val_bpb")
+        self.skipped_steps = client.get("skipped_steps", 0)
+        self.spikes = SpikeDetector(self.cfg.train.spike_window, self.cfg.train.spike_sigma,
+                                    client.get("recent_losses", ()))
         change = mixture_change(checkpointing.saved_mixture(client), self.mixture)
         if change is None:
             if self.train_data is not None:
@@ -251,9 +299,13 @@ class Trainer:
         """One optimizer step over a global batch; its metrics."""
         engine = self.engine
         lr = engine.get_lr()[0]
+        undo = inject_fault(engine, self.planned_faults[engine.global_steps + 1]) \
+            if engine.global_steps + 1 in self.planned_faults else None
         start = time.perf_counter()
         loss = engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - start
+        if undo is not None:
+            undo()
         bytes_per_s = engine.train_batch_size() * self.cfg.model.seq_len / seconds
         record = {"step": engine.global_steps, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr,
                   "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds,
@@ -261,6 +313,22 @@ class Trainer:
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        # DeepSpeed's optimizer skips the update when the gradient norm is NaN / Inf (which a
+        # non-finite loss makes it), deciding it by one all-reduce over every rank
+        if engine.was_step_applied():
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            record["skipped"] = "non-finite loss" if not np.isfinite(loss) else "non-finite gradient norm"
+        record["skipped_steps"] = self.skipped_steps
+        threshold = self.spikes.threshold()
+        if self.cfg.train.spike_window and self.spikes.is_spike(loss):
+            record["loss_spike"] = True
+            if self.world.rank == 0:
+                print(f"warning: step {record['step']}: loss spike, {loss:.4f} above {threshold:.4f} (mean + "
+                      f"{self.cfg.train.spike_sigma:g} sigma of the last {self.cfg.train.spike_window} steps)",
+                      flush=True)
         if self.metrics:  # rank 0, which reads data (pipeline stage 0)
             record["source_bytes"] = self._source_bytes()
         return record
@@ -295,6 +363,10 @@ class Trainer:
                 self.val_bpb = record["val_bpb"]  # the model card's, when exported
             if self.metrics:
                 self.metrics.write(record)
+            if self.skipped_in_a_row >= t.max_skipped_steps:
+                raise NonFiniteError(f"{self.skipped_in_a_row} optimizer steps in a row (train.max_skipped_steps) "
+                                     f"had a non-finite loss or gradient norm, up to step {step}; the last "
+                                     f"good checkpoint is {self.last_good_checkpoint()}")
             if save and t.save_interval and step % t.save_interval == 0:
                 self.save()
                 saved = step
