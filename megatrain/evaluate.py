@@ -33,17 +33,15 @@ import torch
 from megatrain.scoring import bits_per_byte
 
 
-def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
-                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
-    """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
-    data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
-    hold. Every rank returns the result."""
+def pipeline_engine(ckpt: str, pp: int, tp: int, micro_batch_size: int) -> tuple:
+    """A checkpoint (of any layout) as DeepSpeed's pipeline engine on this job's ranks
+    (pp x tp x dp), evaluating micro-batches of micro_batch_size windows: (engine, run
+    config, layout, this rank's coordinate)."""
     import deepspeed  # here: the reference model's evaluation needs none of it
 
     from megatrain.checkpoint import read_client_state, resolve_tag
-    from megatrain.data import read_split
     from megatrain.parallel import MegabytePipeline, plan_layout
-    from megatrain.scoring.pipeline import evaluation_config, pipeline_bits_per_byte, plan_evaluation
+    from megatrain.scoring.pipeline import evaluation_config
     from megatrain.train.distributed import init_distributed
     from megatrain.train.ds_config import deepspeed_config
     from megatrain.train.resharding import load_weights
@@ -57,7 +55,18 @@ def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | N
     config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     load_weights(engine.module, tag, client)
-    coord = layout.topology().get_coord(world.rank)
+    return engine, cfg, layout, layout.topology().get_coord(world.rank)
+
+
+def evaluate_checkpoint(ckpt: str, data_dir: str, split: str, max_bytes: int | None, strided: bool,
+                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> dict:
+    """Bits per byte of a checkpoint (of any layout) run as the pipeline-, tensor- and
+    data-parallel model on this job's ranks (pp x tp x dp): for models one device cannot
+    hold. Every rank returns the result."""
+    from megatrain.data import read_split
+    from megatrain.scoring.pipeline import pipeline_bits_per_byte, plan_evaluation
+
+    engine, cfg, layout, coord = pipeline_engine(ckpt, pp, tp, micro_batch_size)
     data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())
     plan = plan_evaluation(data, cfg.model.seq_len, cfg.model.patch_size, micro_batch_size, coord.data, layout.dp,
                            coord.pipe in (0, layout.pp - 1), strided, sliding)
