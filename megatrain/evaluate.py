@@ -37,17 +37,15 @@ from megatrain.config import parse_source
 from megatrain.scoring import bits_per_byte, pooled
 
 
-def evaluate_checkpoint(ckpt: str, data_dirs: list[str], split: str, max_bytes: int | None, strided: bool,
-                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> list[dict]:
-    """Bits per byte of a checkpoint (of any layout) on each data directory, run as the
-    pipeline-, tensor- and data-parallel model on this job's ranks (pp x tp x dp): for
-    models one device cannot hold. Every rank returns the results."""
+def pipeline_engine(ckpt: str, pp: int, tp: int, micro_batch_size: int) -> tuple:
+    """A checkpoint (of any layout) as DeepSpeed's pipeline engine on this job's ranks
+    (pp x tp x dp), evaluating micro-batches of micro_batch_size windows: (engine, run
+    config, layout, this rank's coordinate)."""
     import deepspeed  # here: the reference model's evaluation needs none of it
 
     from megatrain.checkpoint import read_client_state, resolve_tag
-    from megatrain.data import read_split
     from megatrain.parallel import MegabytePipeline, plan_layout
-    from megatrain.scoring.pipeline import evaluation_config, pipeline_bits_per_byte, plan_evaluation
+    from megatrain.scoring.pipeline import evaluation_config
     from megatrain.train.distributed import init_distributed
     from megatrain.train.ds_config import deepspeed_config
     from megatrain.train.resharding import load_weights
@@ -61,7 +59,18 @@ def evaluate_checkpoint(ckpt: str, data_dirs: list[str], split: str, max_bytes: 
     config = {**deepspeed_config(cfg, layout), "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     load_weights(engine.module, tag, client)
-    coord = layout.topology().get_coord(world.rank)
+    return engine, cfg, layout, layout.topology().get_coord(world.rank)
+
+
+def evaluate_checkpoint(ckpt: str, data_dirs: list[str], split: str, max_bytes: int | None, strided: bool,
+                        sliding: int | None, pp: int, tp: int, micro_batch_size: int) -> list[dict]:
+    """Bits per byte of a checkpoint (of any layout) on each data directory, run as the
+    pipeline-, tensor- and data-parallel model on this job's ranks (pp x tp x dp): for
+    models one device cannot hold. Every rank returns the results."""
+    from megatrain.data import read_split
+    from megatrain.scoring.pipeline import pipeline_bits_per_byte, plan_evaluation
+
+    engine, cfg, layout, coord = pipeline_engine(ckpt, pp, tp, micro_batch_size)
     results = []
     for data_dir in data_dirs:
         data = read_split(data_dir, split, max_bytes, boundary=cfg.data.boundary.encode())

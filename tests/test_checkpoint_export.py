@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from megatrain.model import Megabyte, StageInput
 from megatrain.scoring import bits_per_byte
 from megatrain.reference import load_reference
 
-from .distributed import REPO, launch
+from .distributed import REPO, launch, run_ranks
 
 SEQ = 256  # tiny.yaml's seq_len
 VAL_BYTES = 8 * SEQ + 100  # the validation's last window is short: padded, its padding unscored
@@ -87,12 +88,40 @@ def test_export_bad_input(parallel_run, tmp_path):
     assert result.returncode != 0 and "none: no such checkpoint directory" in result.stderr
 
 
-def test_safetensors_export_is_a_folder_to_publish(parallel_run, tiny_shards):
-    """export CKPT DIR: safetensors + config.json + model card, loaded with no pickle to the same weights."""
+@pytest.fixture(scope="module")
+def published(parallel_run) -> Path:
+    """`export CKPT DIR` of the parallel run: the folder."""
     out = parallel_run / "published"
     result = subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "export", str(parallel_run / "ckpt"),
                              str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    return out
+
+
+def pipeline_logits(rank: int, world_size: int, ckpt: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The logits for x [B, T] of the checkpoint's model run by DeepSpeed as a pp=2 pipeline
+    (on the last stage; None on the first)."""
+    from megatrain.evaluate import pipeline_engine
+
+    engine, _, layout, coord = pipeline_engine(ckpt, pp=2, tp=1, micro_batch_size=x.shape[0])
+    _, logits = engine.eval_batch(iter([(x, x)]), return_logits=True, num_micro_batches=1)
+    return logits if coord.pipe == layout.pp - 1 else None
+
+
+def test_exported_model_gives_the_pipelines_logits(parallel_run, published, tiny_shards):
+    """The published folder (loaded by name, strictly) computes the logits that the trained
+    checkpoint computes as a DeepSpeed pipeline, byte for byte of two validation windows."""
+    x = torch.from_numpy(read_split(tiny_shards, "val", 2 * SEQ).copy()).long().view(2, SEQ)
+    first, last = run_ranks(pipeline_logits, 2, str(parallel_run / "ckpt"), x)
+    assert first is None and last.shape == (2, SEQ, 256)
+    with torch.no_grad():
+        exported = Megabyte.from_pretrained(published)(x)
+    torch.testing.assert_close(exported, last, rtol=0, atol=1e-5)
+
+
+def test_safetensors_export_is_a_folder_to_publish(parallel_run, published, tiny_shards):
+    """export CKPT DIR: safetensors + config.json + model card, loaded with no pickle to the same weights."""
+    out = published
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     with pytest.MonkeyPatch.context() as patch:  # no pickle anywhere: torch.load would fail
         patch.setattr(torch, "load", None)

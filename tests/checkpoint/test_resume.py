@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.checkpoint import CheckpointError, consolidate, is_universal
+from megatrain.checkpoint import CheckpointError, consolidate, is_universal, partial_tag
 from megatrain.config import config_to_dict, load_config
 from megatrain.parallel.tensor_parallel import BLOCK_SPLITS
 from megatrain.train.checkpointing import check_resumable
@@ -117,22 +117,81 @@ def run_args(shards: Path, out: Path, *options: str) -> list[str]:
             "--metrics", str(out / "metrics.jsonl"), "--save", str(out / "ckpt"), *options]
 
 
-def test_kill_9_then_resume_gives_the_straight_losses(straight, tiny_shards, tmp_path):
-    """A checkpoint every step, so a random kill often lands inside a save."""
-    with running_ranks("torchrun-env", 1, run_args(tiny_shards, tmp_path, "--save-interval", "1"), tmp_path) as procs:
-        wait_for_step(tmp_path / "metrics.jsonl", random.randint(2, 6), procs)
-        time.sleep(random.uniform(0, 0.3))
-        procs[0].kill()  # (running_ranks waits for it)
+# --- kill -9 of every rank of a pp=2 x dp=2 run, at seeded points ---
+
+PP2_DP2 = ["--pp", "2", *batch(1, 2)]
+KILL_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def straight_pp2_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> dict[int, float]:
+    """The losses of the pp=2 x dp=2 run that no one kills."""
+    out = tmp_path_factory.mktemp("straight_pp2dp2")
+    return losses(pretrain("pp2dp2", "deepspeed", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS)], tiny_shards, out).dir)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    assert all(p.poll() is None for p in procs), "a rank ended before the kill"
+    for p in procs:
+        p.kill()
+
+
+def kill_in_a_save(ckpt: Path, first: int, procs: list[subprocess.Popen]) -> int:
+    """SIGKILL every rank while the save of step `first` (or, if that one is missed, of a
+    later step) is being written: its partial tag directory exists, `latest` does not name
+    it yet. The step whose save was cut."""
+    deadline = time.monotonic() + 120
+    for step in range(first, KILL_STEPS + 1):
+        while not (ckpt / partial_tag(step)).is_dir():
+            latest = ckpt / "latest"
+            if latest.exists() and int(latest.read_text().removeprefix("global_step")) >= step:
+                break  # committed between two looks: cut the next one
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no save seen"
+            time.sleep(0.001)
+        else:
+            kill_all(procs)
+            return step
+    raise AssertionError(f"every save in {ckpt} from step {first} on was missed")
+
+
+def saved_step(ckpt: Path) -> int:
+    latest = ckpt / "latest"
+    return int(latest.read_text().removeprefix("global_step")) if latest.exists() else 0
+
+
+# (how, seed): each seed draws its kill's step (and time after it) in the part of the run left
+KILLS = [("in a save", 0), ("at a random time", 1), ("in a save", 2)]
+
+
+def test_kill_9_of_every_rank_then_resume_gives_the_straight_losses(straight_pp2_dp2, tiny_shards, tmp_path):
+    """pp=2 x dp=2, a checkpoint every step, killed (every rank, SIGKILL) and resumed three
+    times, at points that seeded generators draw: twice while a real save is being written,
+    once at a random time; then resumed to the end. Every step any of the runs took has
+    the straight run's loss, bit for bit."""
     ckpt = tmp_path / "ckpt"
-    # and a save that died half-way, its files partly written: never the latest
-    (ckpt / ".partial-global_step99").mkdir(exist_ok=True)
-    (ckpt / ".partial-global_step99" / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02truncated")
-    saved = int((ckpt / "latest").read_text().removeprefix("global_step"))
-    resumed = pretrain("after kill", "python", 1, ["--train-steps", str(STEPS), "--load", str(ckpt),
-                                                   "--save", str(ckpt)], tiny_shards, tmp_path / "resumed")
-    expected = losses(straight.dir)
-    assert losses(resumed.dir) == {s: expected[s] for s in range(saved + 1, STEPS + 1)}
-    assert not list(ckpt.glob(".partial-*"))  # cleared by the resumed run, even with no step left to run
+    for segment, (how, seed) in enumerate(KILLS):
+        rng, out, start = random.Random(seed), tmp_path / f"segment{segment}", saved_step(ckpt)
+        out.mkdir()
+        load = ["--load", str(ckpt)] if start else []
+        args = [*run_args(tiny_shards, out, *PP2_DP2, "--save-interval", "1", *load), "--train-steps", str(KILL_STEPS),
+                "--save", str(ckpt)]
+        with running_ranks("torchrun-env", 4, args, out) as procs:
+            step = rng.randint(start + 1, start + 2)
+            wait_for_step(out / "metrics.jsonl", step - start, procs, timeout=300)  # 4 ranks starting
+            if how == "in a save":
+                cut = kill_in_a_save(ckpt, step, procs)
+            else:
+                time.sleep(rng.uniform(0, 0.3))
+                kill_all(procs)
+        if how == "in a save":  # a real save, cut half-way: never the latest
+            assert (ckpt / partial_tag(cut)).is_dir() and saved_step(ckpt) < cut
+        ran = losses(out)
+        assert ran == {s: straight_pp2_dp2[s] for s in range(start + 1, start + 1 + len(ran))}, (how, seed)
+    start = saved_step(ckpt)
+    resumed = pretrain("after kills", "deepspeed", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS), "--load", str(ckpt),
+                                                       "--save", str(ckpt)], tiny_shards, tmp_path / "resumed")
+    assert losses(resumed.dir) == {s: straight_pp2_dp2[s] for s in range(start + 1, KILL_STEPS + 1)}
+    assert not list(ckpt.glob(".partial-*"))  # cleared by the resumed run
 
 
 @pytest.fixture(scope="module")

@@ -55,14 +55,15 @@ def _block(block: StageBlock, seq: list[torch.Tensor], prev_kv=None, r: int = 0)
 
 
 def naive_logits(model: Megabyte, x: torch.Tensor) -> torch.Tensor:
-    """Logits [T, 256] for one sequence x [T] of a two-stage MEGABYTE."""
+    """Logits [T, 256] for one sequence x [T] of a MEGABYTE of any number of stages.
+
+    Stage s has patch size P_s (bytes per position: P for the global stage, 1 for the
+    local one); its positions, in sequence order, are grouped into units of
+    P_{s-1} / P_s positions (the global stage is one unit of K patches).
+    """
     cfg = model.config
-    assert not cfg.mid_stages
     layers = list(model.layers)
     emb: GlobalEmbedding = layers[0]
-    global_blocks = [m for m in layers if isinstance(m, StageBlock)][: cfg.global_layers]
-    local_blocks = [m for m in layers if isinstance(m, StageBlock)][cfg.global_layers:]
-    to_local: StageInput = next(m for m in layers if isinstance(m, StageInput))
     head: Head = layers[-1]
     T, P = x.shape[0], cfg.patch_size
     K, D_G = T // P, cfg.global_embed_dim
@@ -79,21 +80,44 @@ def naive_logits(model: Megabyte, x: torch.Tensor) -> torch.Tensor:
     patches = [torch.cat(e[k * P:(k + 1) * P]) for k in range(K)]
     # 2. global input: pad patch, then patches 0..K-2
     h = [emb.pad] + patches[:-1]
-    for block in global_blocks:
-        h, _ = _block(block, h)
-    # 3-4. each global output slice through the shared w_GL, plus the shifted local embedding
-    logits = []
-    prev = [None] * len(local_blocks)
-    for k in range(K):
-        g = F.layer_norm(h[k], (cfg.global_dim,), to_local.norm.weight, to_local.norm.bias, to_local.norm.eps)
-        z = []
-        for p in range(P):
-            inp = to_local.byte_embed.weight[x[k * P + p - 1]] if p else to_local.pad
-            z.append(to_local.proj.weight @ g[p * D_G:(p + 1) * D_G] + inp)
-        for li, block in enumerate(local_blocks):
-            z, prev[li] = _block(block, z, prev[li] if k else None, cfg.cross_patch)
-        # 5. logits = E_local_embed . norm(h_local_out)
-        for zp in z:
-            n = F.layer_norm(zp, (cfg.local_dim,), head.norm.weight, head.norm.bias, head.norm.eps)
-            logits.append(head.out.weight @ n)
-    return torch.stack(logits)
+    unit = K
+    for s, stage in enumerate(cfg.stages):
+        if s > 0:
+            h, unit = _stage_input(layers, s, cfg, h, x), cfg.stages[s - 1].patch_size // stage.patch_size
+        blocks = _stage_blocks(layers, s)
+        prev = [None] * len(blocks)
+        out = []
+        for start in range(0, len(h), unit):
+            z = h[start:start + unit]
+            for i, block in enumerate(blocks):
+                z, prev[i] = _block(block, z, prev[i] if start else None, cfg.cross_patch if s else 0)
+            out += z
+        h = out
+    # 5. logits = E_local_embed . norm(h_local_out)
+    return torch.stack([head.out.weight @ F.layer_norm(z, (cfg.local_dim,), head.norm.weight, head.norm.bias,
+                                                       head.norm.eps) for z in h])
+
+
+def _stage_blocks(layers: list, stage: int) -> list[StageBlock]:
+    """The blocks of stage `stage`: those after its StageInput (the embedding, for stage 0)."""
+    starts = [i for i, m in enumerate(layers) if isinstance(m, (GlobalEmbedding, StageInput))]
+    end = starts[stage + 1] if stage + 1 < len(starts) else len(layers)
+    return [m for m in layers[starts[stage] + 1:end] if isinstance(m, StageBlock)]
+
+
+def _stage_input(layers: list, stage: int, cfg, above: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """3-4. Stage `stage`'s input from the outputs of the stage above (one per position of
+    P_above bytes): each normalised output split into P_above / P_s slices, each slice
+    through the one shared w_GL, plus E_pad (first slice) or the concatenated embeddings
+    of the previous slice's P_s bytes."""
+    to: StageInput = [m for m in layers if isinstance(m, StageInput)][stage - 1]
+    width, size = cfg.stages[stage - 1].dim, cfg.stages[stage].patch_size
+    units = cfg.stages[stage - 1].patch_size // size
+    out = []
+    for q, h in enumerate(above):
+        g = F.layer_norm(h, (width,), to.norm.weight, to.norm.bias, to.norm.eps)
+        for u in range(units):
+            first = (q * units + u) * size  # the first byte of this position
+            inp = torch.cat([to.byte_embed.weight[x[b]] for b in range(first - size, first)]) if u else to.pad
+            out.append(to.proj.weight @ g[u * width // units:(u + 1) * width // units] + inp)
+    return out

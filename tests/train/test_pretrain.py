@@ -222,3 +222,14 @@ def test_bf16_computes_in_bf16_over_fp32_master_weights(runs, tiny_shards, tmp_p
     assert optimizer_state_elements(bf16.dir / "ckpt") == optimizer_state_elements(fp32.dir / "ckpt")
     gaps = relative_gaps(fp32.losses(), bf16.losses())
     assert 0 < max(gaps) < 0.01, gaps  # bf16 rounds at ~0.4%; seen: up to 4e-4
+
+
+# tiny.yaml with a mid stage: 8-byte patches -> 2-byte units -> bytes
+THREE_STAGES = ["--set", "model.mid_stages=[{patch_size: 2, dim: 32, layers: 1, heads: 2}]"]
+
+
+def test_three_stages_train_alike_on_one_rank_and_pp2_tp2(tiny_shards, cpu_comm, tmp_path):
+    one = pretrain("3 stages", "python", 1, [*THREE_STAGES, *batch(4, 1)], tiny_shards, tmp_path / "one")
+    parallel = pretrain("3 stages at pp=2 x tp=2", "deepspeed", 4, [*THREE_STAGES, "--pp", "2", "--tp", "2",
+                                                                   *batch(2, 2)], tiny_shards, tmp_path / "pp2tp2")
+    assert max(relative_gaps(one.losses(), parallel.losses())) < 1e-4
