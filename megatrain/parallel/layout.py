@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megatrain.config import RunConfig
+from megatrain.model import layer_specs
 
-PARTITION_METHODS = ("parameters", "flops", "uniform")
+from .partition import WEIGHTS as PARTITION_METHODS
 
 
 class LayoutError(ValueError):
@@ -46,10 +47,10 @@ def layout_problems(cfg: RunConfig, world_size: int) -> list[str]:
     if m.num_patches % tp:
         out.append(f"the {m.num_patches} patches of a sequence (seq_len / patch_size) cannot be "
                    f"shared evenly by tp={tp} ranks")
-    if pp > m.global_layers + 2:
-        out.append(f"pp={pp} stages need at least {pp - 2} global layers (the first stage also "
-                   f"holds the embedding, the last the local model), model.global_layers="
-                   f"{m.global_layers}")
+    layers = len(layer_specs(m))
+    if pp > layers:
+        out.append(f"pp={pp} stages need at least {pp} layers, the model has {layers} (embedding, "
+                   f"{m.global_layers} global and {m.local_layers} local blocks, stage inputs, head)")
     t = cfg.train
     if t.global_batch_size and not world_size % (pp * tp):
         dp = world_size // (pp * tp)

@@ -89,7 +89,8 @@ class SplitPatches:
         (h, x), = args
         s, P = self.share, self.share.patch_size
         h = copy_to_group(h, self.group)
-        return ((h[:, :, s.first:s.stop], x[:, s.first * P:s.stop * P]),)
+        # contiguous: a stage may start inside the local model and send these on (gloo sends no views)
+        return ((h[:, :, s.first:s.stop].contiguous(), x[:, s.first * P:s.stop * P].contiguous()),)
 
 
 class PatchParallelLoss:

@@ -5,27 +5,37 @@ from its own seed so that every layout starts from the same weights as
 `reference_model(cfg, seed)`. Parallelism adapts the built layers without forking
 their code:
 
-- the global blocks are cut into pipeline stages; on each stage their linears are
-  swapped for tensor-parallel shards (`shard_block`), their attention (this rank's
-  heads) running in the rank's own random stream (`streams`);
-- the local model (the first StageInput to the Head) is small and stays whole on the
-  last stage, where every tensor-parallel rank runs it on its share of the patches
-  (`patch_parallel`).
+- every layer may start a pipeline stage (`partition.pipeline_parts` balances the FLOPs):
+  the local model runs once per byte, so at MEGABYTE's proportions it is most of the work
+  and is cut into stages too;
+- on every stage the global blocks' linears are swapped for tensor-parallel shards
+  (`shard_block`), their attention (this rank's heads) running in the rank's own random
+  stream (`streams`);
+- the local model (the first StageInput to the Head) is replicated over the tensor-parallel
+  group: each rank takes its share of the patches at the first local layer
+  (`patch_parallel`) and carries that share through the following stages, so the
+  activations a stage sends inside the local model differ over the group (DeepSpeed's
+  `pipe_partitioned` send, which assumes them replicated, is turned off:
+  `replicated_activations_only`). Its gradients are summed over the group in one flat
+  all-reduce a step;
+- the tied local embedding (the byte-level StageInput's, also the Head's output matrix)
+  is two copies with summed gradients when those layers sit on different stages.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
-from deepspeed.runtime.utils import partition_balanced
 from deepspeed.utils import logger
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, tie_local_embedding
 
-from .cost import layer_costs
 from .layout import Layout
-from .patch_parallel import PatchParallelLoss, patch_share, run_on_share
+from .partition import pipeline_parts
+from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
 from .streams import run_in_rank_stream, seed_rank_stream
 from .tensor_parallel import shard_block
 
@@ -33,6 +43,17 @@ from .tensor_parallel import shard_block
 def first_local_layer(cfg: MegabyteConfig) -> int:
     """Index of the first layer below the global model (the global-to-local StageInput)."""
     return 1 + cfg.global_layers
+
+
+def byte_input_layer(cfg: MegabyteConfig) -> int:
+    """Index of the byte-level StageInput, whose byte embedding the Head's output may share."""
+    return len(layer_specs(cfg)) - cfg.local_layers - 2
+
+
+def replicated_activations_only(cfg: MegabyteConfig, parts: list[int]) -> bool:
+    """Whether every activation sent between stages is replicated over the tensor-parallel
+    group: no stage starts below the first local layer, where the patches are split."""
+    return all(start <= first_local_layer(cfg) for start in parts[1:-1])
 
 
 def tensor_parallel_layers(cfg: MegabyteConfig) -> range:
@@ -61,23 +82,6 @@ def reference_model(cfg: MegabyteConfig, seed: int) -> Megabyte:
     return model
 
 
-def pipeline_parts(cfg: MegabyteConfig, method: str, stages: int) -> list[int]:
-    """Stage boundaries over the layers: stage s holds layers parts[s]..parts[s+1]-1.
-
-    The embedding and the global blocks are balanced by `method` ("parameters",
-    "flops" per byte, or "uniform" layer counts) with the whole local model counted
-    as one item that the last stage always holds.
-    """
-    costs = layer_costs(cfg)
-    weight = {"parameters": lambda c: c.params, "flops": lambda c: c.flops_per_byte,
-              "uniform": lambda c: 1}[method]
-    local = first_local_layer(cfg)
-    items = [weight(c) for c in costs[:local]]
-    items.append(1 if method == "uniform" else sum(weight(c) for c in costs[local:]))
-    parts = partition_balanced(weights=items, num_parts=stages)
-    return [int(p) for p in parts[:-1]] + [len(costs)]
-
-
 class _SeededLayerSpec(LayerSpec):
     """A layer of the reference model built from its own seed, then adapted for parallelism."""
 
@@ -97,7 +101,7 @@ class MegabytePipeline(PipelineModule):
     """The pipeline-, tensor- and patch-parallel MEGABYTE for `DeepSpeed.initialize`."""
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
-                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                 partition_method: str = "flops", activation_checkpoint_interval: int = 0,
                  compile_blocks: bool = False) -> None:
         self.config, self.compile_blocks = cfg, compile_blocks
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
@@ -105,10 +109,10 @@ class MegabytePipeline(PipelineModule):
                          activation_checkpoint_interval=activation_checkpoint_interval,
                          checkpointable_layers=["StageBlock"])
         self._local_params: list[nn.Parameter] = []
+        self._tied_copy: list[tuple[nn.Parameter, object]] = []  # the local embedding and its stages' group
         if self.tp_size > 1:
             seed_rank_stream(seed, self.tp_rank)
-        if self.stage_id == self.num_stages - 1:
-            self._set_up_local_model()
+        self._set_up_local_model(seed)
 
     @property
     def tp_group(self):
@@ -122,6 +126,9 @@ class MegabytePipeline(PipelineModule):
     def tp_size(self) -> int:
         return self._grid.get_slice_parallel_world_size()
 
+    def stage_of(self, layer: int) -> int:
+        return next(s for s in range(self.num_stages) if layer < self.parts[s + 1])
+
     def _adapt(self, index: int, layer: nn.Module) -> nn.Module:
         if index in tensor_parallel_layers(self.config) and self.tp_size > 1:
             run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
@@ -130,8 +137,8 @@ class MegabytePipeline(PipelineModule):
             layer.compile()  # in place: the parameters keep their names
         return layer
 
-    def _partition_layers(self, method: str = "parameters") -> None:
-        # Called by PipelineModule.__init__: DeepSpeed's own methods cannot pin the local model.
+    def _partition_layers(self, method: str = "flops") -> None:
+        # Called by PipelineModule.__init__: DeepSpeed's own methods do not know the layers' FLOPs.
         self.parts = pipeline_parts(self.config, method, self.num_stages)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
@@ -140,18 +147,59 @@ class MegabytePipeline(PipelineModule):
             for s in range(self.num_stages):
                 logger.info(f"pipeline stage {s}: {', '.join(names[self.parts[s]:self.parts[s + 1]])}")
 
-    def _set_up_local_model(self) -> None:
+    def _set_up_local_model(self, seed: int) -> None:
+        cfg, first = self.config, first_local_layer(self.config)
         layers = dict(zip(range(self._local_start, self._local_stop), self.forward_funcs))
-        local = [layers[i] for i in range(first_local_layer(self.config), self._local_stop)]
-        if self.config.tie_local_embedding:
-            tie_local_embedding(local)
-        share = patch_share(self.config, self.tp_rank, self.tp_size)
-        self.loss_fn = PatchParallelLoss(share, self.tp_group)
-        if self.tp_size > 1:
-            run_on_share(local, share, self.tp_group)
+        local = [layers[i] for i in range(max(first, self._local_start), self._local_stop)]
+        share = patch_share(cfg, self.tp_rank, self.tp_size)
+        if cfg.tie_local_embedding:
+            self._tie_local_embedding(layers, seed)
+        if local and self.tp_size > 1:
+            if first in layers:
+                layers[first].register_forward_pre_hook(SplitPatches(share, self.tp_group))
+            run_in_rank_stream(local[0], local[-1])
             self._local_params = list(nn.ModuleList(local).parameters())
+        if self.stage_id == self.num_stages - 1:
+            self.loss_fn = PatchParallelLoss(share, self.tp_group)
+
+    def _tie_local_embedding(self, layers: dict[int, nn.Module], seed: int) -> None:
+        """Tie the Head's output matrix to the byte embedding, or, where the two layers sit on
+        different stages, start it as a copy whose gradient the two stages sum (counted once
+        in the gradient norm, on the embedding's stage)."""
+        cfg, embedding, head = self.config, byte_input_layer(self.config), len(layer_specs(self.config)) - 1
+        stages = sorted({self.stage_of(embedding), self.stage_of(head)})
+        if len(stages) == 1:
+            if embedding in layers:
+                tie_local_embedding(layers.values())
+            return
+        coord = self._topo.get_coord(self.global_rank)
+        for data in range(self._topo.get_dim("data")):  # every rank makes every group, in one order
+            for model in range(self._topo.get_dim("model")):
+                ranks = [self._topo.get_rank(pipe=s, data=data, model=model) for s in stages]
+                group = dist.new_group(ranks)
+                if (data, model) == (coord.data, coord.model) and self.global_rank in ranks:
+                    weight = layers[embedding].byte_embed.weight if embedding in layers else layers[head].out.weight
+                    self._tied_copy = [(weight, group)]
+        if head in layers:
+            with torch.no_grad():
+                layers[head].out.weight.copy_(build_layer(cfg, embedding, seed).byte_embed.weight)
+            layers[head].out.weight.ds_pipe_replicated = True
 
     def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, object]]:
-        """DeepSpeed all-reduces these gradients before the data-parallel reduction: here
-        also the local model's, which each tensor-parallel rank computed on its patches."""
-        return super().get_tied_weights_and_groups() + [(p, self.tp_group) for p in self._local_params]
+        """The engine's one call a step before its data-parallel reduction, which all-reduces
+        the weights returned (the local embedding's copies over their two stages). First the
+        local model's gradients, which each tensor-parallel rank computed on its own patches,
+        are summed over the group here in one flat all-reduce (not one per parameter)."""
+        grads = [g for g in map(_gradient, self._local_params) if g is not None]
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.tp_group)
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(summed)
+        return super().get_tied_weights_and_groups() + self._tied_copy
+
+
+def _gradient(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer steps with: the fp32 one under DeepSpeed's bf16 optimizer."""
+    hp = getattr(param, "_hp_grad", None)
+    return hp if hp is not None else param.grad

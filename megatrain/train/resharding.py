@@ -19,7 +19,7 @@ from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_st
 
 from megatrain.checkpoint import STATE_KEYS, CheckpointError, read_params
 from megatrain.parallel import MegabytePipeline
-from megatrain.parallel.pipeline import tensor_parallel_layers
+from megatrain.parallel.pipeline import byte_input_layer, tensor_parallel_layers
 from megatrain.parallel.tensor_parallel import shard_weight
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -57,12 +57,20 @@ def _saved_parts(module: MegabytePipeline, tag: Path, client: dict[str, Any], ke
                  ) -> tuple[list[tuple[torch.nn.Parameter, dict[str, torch.Tensor]]], torch.Tensor]:
     """Each of this rank's parameters with its part of the saved `keys`; Adam's step count."""
     params = dict(module.named_parameters())  # pipeline names: "{layer}.{name}"
-    saved = read_params(tag, {int(name.split(".", 1)[0]) for name in params}, keys, client)
+    # the Head's copy of the tied local embedding: a run that held it on the embedding's
+    # stage saved it once, under the embedding's name
+    embedding = f"{byte_input_layer(module.config)}.byte_embed.weight"
+    head_copy = f"{module.parts[-1] - 1}.out.weight"
+    layers = {int(name.split(".", 1)[0]) for name in params}
+    if head_copy in params:
+        layers.add(byte_input_layer(module.config))
+    saved = read_params(tag, layers, keys, client)
     parts = []
     for name, param in params.items():
-        if f"layers.{name}" not in saved.params:
-            raise CheckpointError(f"{tag}: no saved state for layers.{name}")
-        parts.append((param, {key: _this_ranks_part(module, name, t) for key, t in saved.params[f"layers.{name}"].items()}))
+        source = embedding if name == head_copy and f"layers.{name}" not in saved.params else name
+        if f"layers.{source}" not in saved.params:
+            raise CheckpointError(f"{tag}: no saved state for layers.{source}")
+        parts.append((param, {key: _this_ranks_part(module, source, t) for key, t in saved.params[f"layers.{source}"].items()}))
     return parts, saved.step
 
 
