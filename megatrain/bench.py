@@ -304,7 +304,8 @@ def loader_speed(data: str | None, seq_len: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = str(Path(tmp) / "shards")
-            subprocess.run([sys.executable, "-m", "data_prep.build_shards", *map(str, corpus_files()), "--output", data],
+            files = [str(f) for source in corpus_files().values() for f in source]
+            subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", data],
                            cwd=REPO, check=True, capture_output=True)
         report = loader_benchmark(data, seq_len, max_bytes=64 << 20, repeats=1)
     return {"loader_bytes_per_s": report["loader_bytes_per_s"], "loader_vs_zstd": report["ratio"]}

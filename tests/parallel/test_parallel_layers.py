@@ -210,8 +210,8 @@ def test_local_model_runs_on_its_share_of_patches(per_rank, name):
         halo = gaps.pop("halo")
         assert halo == (0 if rank == 0 or not cfg.cross_patch else sum(s.layers for s in cfg.stages[1:]))
         assert gaps.pop("patches_run") == K // 2 + halo
-        for what, gap in gaps.items():
-            assert gap < 1e-12, f"{name}, rank {rank}: {what} differs by {gap}"
+        for what, gap in gaps.items():  # float64; the batched matmul's blocking follows the patch count
+            assert gap < 1e-9, f"{name}, rank {rank}: {what} differs by {gap}"
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
