@@ -101,7 +101,7 @@ class MegabytePipeline(PipelineModule):
     """The pipeline-, tensor- and patch-parallel MEGABYTE for `DeepSpeed.initialize`."""
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
-                 partition_method: str = "flops", activation_checkpoint_interval: int = 0,
+                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
                  compile_blocks: bool = False) -> None:
         self.config, self.compile_blocks = cfg, compile_blocks
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
