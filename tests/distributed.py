@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -59,17 +61,29 @@ THREADS = "1"
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results: Any) -> None:
     os.environ.update(CPU_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
     torch.set_num_threads(int(THREADS))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=60))
-        results.put((rank, True, fn(rank, world_size, *args)))
+        results.put((rank, True, _as_bytes(fn(rank, world_size, *args))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# A tensor put on a torch.multiprocessing queue travels as a handle to shared memory
+# that the parent opens through the child, so a child that has already exited resets
+# the connection: results travel as bytes instead.
+def _as_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 class PortLost(Exception):
@@ -104,7 +118,7 @@ def _run_ranks_once(fn: Callable, world_size: int, args: tuple, timeout: float, 
             rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
             if not ok:
                 raise (PortLost if lost_its_port(value) else AssertionError)(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = _from_bytes(value)
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -17,13 +17,14 @@ DEADLINE_S = 120
 
 
 @pytest.mark.parametrize("ranks, options, reason", [
-    (4, ["--pp", "3"], "pp * tp = 3 * 1 = 3 does not divide the world size 4"),
+    (4, ["--pp", "3", "--data", "{shards}"], "pp * tp = 3 * 1 = 3 does not divide the world size 4"),
     # only the first and last stage read data: the middle one must hear of it too
-    (3, ["--pp", "3", "--data", "/nonexistent"], "training data: "),
+    (3, ["--pp", "3", "--data", "/nonexistent"], "(/nonexistent): no such directory"),
 ], ids=["layout", "data"])
 def test_setup_errors_exit_nonzero_on_every_rank_with_the_reason(tiny_shards, cpu_comm, tmp_path, ranks,
                                                                  options, reason):
-    procs = start_ranks("torchrun-env", ranks, ["--config", TINY, "--data", str(tiny_shards), *options], tmp_path)
+    options = [o.format(shards=tiny_shards) for o in options]
+    procs = start_ranks("torchrun-env", ranks, ["--config", TINY, *options], tmp_path)
     job = wait_ranks(procs, tmp_path, timeout=90)
     assert job.rank_codes == [2] * ranks, job.output[-3000:]
     assert job.output.count(reason) == ranks
