@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.checkpoint import CheckpointError, load_model, resolve_tag
+from megatrain.checkpoint import CheckpointError, load_model, read_client_state, resolve_tag
 from megatrain.data import read_split
 from megatrain.model import Megabyte, StageInput
 from megatrain.scoring import bits_per_byte
@@ -98,22 +98,40 @@ def published(parallel_run) -> Path:
     return out
 
 
-def pipeline_logits(rank: int, world_size: int, ckpt: str, x: torch.Tensor) -> torch.Tensor | None:
-    """The logits for x [B, T] of the checkpoint's model run by DeepSpeed as a pp=2 pipeline
-    (on the last stage; None on the first)."""
-    from megatrain.evaluate import pipeline_engine
+def trained_pipeline_logits(rank: int, world_size: int, ckpt: str, x: torch.Tensor) -> tuple | None:
+    """The logits for x [B, T] of the checkpoint's model as the DeepSpeed pipeline that trained
+    it (pp=2 x tp=2, its own files loaded by DeepSpeed, none of megatrain's resharding), on the
+    last stage: (tp rank, the logits of its share of the bytes); None on the first stage."""
+    import deepspeed
 
-    engine, _, layout, coord = pipeline_engine(ckpt, pp=2, tp=1, micro_batch_size=x.shape[0])
+    from megatrain.parallel import MegabytePipeline, plan_layout
+    from megatrain.scoring.pipeline import evaluation_config
+    from megatrain.train.distributed import init_distributed
+    from megatrain.train.ds_config import deepspeed_config
+
+    tag = resolve_tag(ckpt)
+    cfg = evaluation_config(read_client_state(tag)["config"], 2, 2, x.shape[0], "run config")
+    init_distributed(cfg.parallel.timeout_s)  # DeepSpeed's view of the harness's process group
+    layout = plan_layout(cfg, world_size)
+    model = MegabytePipeline(cfg.model, layout, cfg.train.seed, cfg.parallel.partition_method)
+    engine, *_ = deepspeed.initialize(model=model, config={**deepspeed_config(cfg, layout),
+                                                           "zero_optimization": {"stage": 0}})
+    engine.load_checkpoint(str(tag.parent), tag=tag.name, load_module_only=True, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
     _, logits = engine.eval_batch(iter([(x, x)]), return_logits=True, num_micro_batches=1)
-    return logits if coord.pipe == layout.pp - 1 else None
+    coord = layout.topology().get_coord(rank)
+    return (coord.model, logits) if coord.pipe == layout.pp - 1 else None
 
 
 def test_exported_model_gives_the_pipelines_logits(parallel_run, published, tiny_shards):
     """The published folder (loaded by name, strictly) computes the logits that the trained
-    checkpoint computes as a DeepSpeed pipeline, byte for byte of two validation windows."""
+    pipeline computes from its own files, byte for byte of two validation windows."""
     x = torch.from_numpy(read_split(tiny_shards, "val", 2 * SEQ).copy()).long().view(2, SEQ)
-    first, last = run_ranks(pipeline_logits, 2, str(parallel_run / "ckpt"), x)
-    assert first is None and last.shape == (2, SEQ, 256)
+    shares = sorted((s for s in run_ranks(trained_pipeline_logits, 4, str(parallel_run / "ckpt"), x) if s),
+                    key=lambda share: share[0])
+    assert [tp_rank for tp_rank, _ in shares] == [0, 1]
+    last = torch.cat([logits for _, logits in shares], dim=1)  # each tp rank scores its half of the patches
+    assert last.shape == (2, SEQ, 256)
     with torch.no_grad():
         exported = Megabyte.from_pretrained(published)(x)
     torch.testing.assert_close(exported, last, rtol=0, atol=1e-5)
