@@ -134,7 +134,7 @@ def parse_source(text: str) -> SourceConfig:
 class ParallelConfig:
     pp: int = 1
     tp: int = 1
-    partition_method: str = "parameters"  # balance pipeline stages by: flops (per byte), memory, parameters, uniform
+    partition_method: str = "flops"  # balance pipeline stages by: flops (per byte), memory, parameters, uniform
     timeout_s: float = 90.0  # a collective waiting longer fails, so no rank outlives a dead peer
 
 

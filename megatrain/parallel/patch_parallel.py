@@ -1,18 +1,19 @@
 """The local model, data-parallel over patches inside a tensor-parallel group.
 
-On the last pipeline stage the global model's output is replicated on every rank of
-a tensor-parallel group (its row-parallel layers end in an all-reduce). The local
-model is small, so rather than splitting its weights each rank runs all of it on its
-own 1/tp share of the K patches of every sequence:
+The global model's output is replicated on every rank of a tensor-parallel group (its
+row-parallel layers end in an all-reduce). The local model's weights are small, so
+rather than splitting them each rank runs all of it on its own 1/tp share of the K
+patches of every sequence, on whichever pipeline stages hold its layers:
 
-- the split (`SplitPatches`) takes the share before the first local layer; its
-  backward sums the global output's gradient over the group, since each rank's
-  loss reached only its own patches;
+- the split (`SplitPatches`) takes the share before the first local layer, wherever
+  that sits; the rank carries its share through the following stages; its backward
+  sums the global output's gradient over the group, since each rank's loss reached
+  only its own patches;
 - the loss (`PatchParallelLoss`) is this rank's cross-entropy sum over all the
   micro-batch's bytes, so that the shares add up to the mean over all bytes;
 - the local parameters are replicated, so their gradients are summed over the group
-  (`MegabytePipeline` hands them to the engine's tied-gradient all-reduce) as well
-  as averaged over data parallelism;
+  (`MegabytePipeline`, in one flat all-reduce a step) as well as averaged over data
+  parallelism;
 - dropout in the local model draws from the random stream of each rank's own
   (`streams.run_in_rank_stream`), so that the ranks' patches get independent masks
   while the global model's stream advances alike on every rank of the group.

@@ -101,7 +101,7 @@ class MegabytePipeline(PipelineModule):
     """The pipeline-, tensor- and patch-parallel MEGABYTE for `DeepSpeed.initialize`."""
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
-                 partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                 partition_method: str = "flops", activation_checkpoint_interval: int = 0,
                  compile_blocks: bool = False) -> None:
         self.config, self.compile_blocks = cfg, compile_blocks
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
@@ -183,7 +183,8 @@ class MegabytePipeline(PipelineModule):
         if head in layers:
             with torch.no_grad():
                 layers[head].out.weight.copy_(build_layer(cfg, embedding, seed).byte_embed.weight)
-            layers[head].out.weight.ds_pipe_replicated = True
+            layers[head].out.weight.ds_pipe_replicated = True  # counted once in the gradient norm
+            layers[head].out.weight.embedding_copy = True  # no weight decay, as the embedding
 
     def get_tied_weights_and_groups(self) -> list[tuple[nn.Parameter, object]]:
         """The engine's one call a step before its data-parallel reduction, which all-reduces

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.utils import combine_grad_norm_groups
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -32,16 +34,19 @@ def lr_schedule(train: TrainConfig, total_steps: int) -> Callable[[torch.optim.O
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the weight matrices of linear and convolution layers only: not on
-    norms, biases, embeddings (the tied output layer is one), positions or pads."""
+    norms, biases, embeddings (the tied output layer is one, and so is its copy on another
+    pipeline stage, marked `embedding_copy`), positions or pads."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decayed = {id(m.weight) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d)) and id(m.weight) not in embeddings}
+               if isinstance(m, (nn.Linear, nn.Conv1d)) and id(m.weight) not in embeddings
+               and not getattr(m.weight, "embedding_copy", False)}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
+    # Both groups on every rank, even a pipeline stage that holds no matrices: ZeRO reduces
+    # the gradient norm group by group over all the ranks, so they must count alike.
+    return [
         {"name": "decay", "params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
         {"name": "no_decay", "params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
-    return [g for g in groups if g["params"]]  # a pipeline stage may hold no matrices
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
@@ -56,3 +61,44 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     for group in optimizer.param_groups:
         group["step"] = 0
     return optimizer
+
+
+
+def reduce_the_gradient_norm_alike_on_every_stage(optimizer: object) -> None:
+    """Make DeepSpeed's gradient norm run the same collectives on every pipeline stage.
+
+    The pipeline cuts anywhere, so a stage may hold no weight matrix (the Head with its
+    copy of the tied embedding) and DeepSpeed drops its empty param group; yet ZeRO-1
+    reduces the norm group by group over the model-parallel group, which then waits
+    forever for the stage with fewer groups. Here it sums every group's squares in one
+    reduction, the same total. The bf16 optimizer reduces once already, but stacks each
+    rank's own norms: on a stage holding only replicated layers (the local model's)
+    tensor-parallel ranks other than 0 count none and fail on an empty stack; their
+    share is zero."""
+    if hasattr(optimizer, "get_grads_for_norm"):  # DeepSpeed's bf16 optimizer
+        _count_an_empty_share_as_zero(optimizer)
+    elif hasattr(optimizer, "get_grad_norm_direct") and not optimizer.cpu_offload:  # ZeRO-1
+        _one_norm_reduction_over_all_groups(optimizer)
+
+
+def _count_an_empty_share_as_zero(optimizer: object) -> None:
+    get_grads_for_norm = optimizer.get_grads_for_norm
+
+    def with_a_zero(for_clipping: bool = False):
+        grads = get_grads_for_norm(for_clipping=for_clipping)
+        if for_clipping or grads[0]:
+            return grads
+        return [torch.zeros((), device=get_accelerator().current_device_name())], grads[1]
+
+    optimizer.get_grads_for_norm = with_a_zero
+
+
+def _one_norm_reduction_over_all_groups(optimizer: object) -> None:
+    def scaled_global_norm(norm_type: float = 2):
+        groups = range(len(optimizer.bit16_groups))
+        grads = [g for i in groups for g in optimizer.averaged_gradients[i]]
+        params = [p for i in groups for p in optimizer.params_in_partition[i]]
+        # a non-finite norm comes back as -1, which combining turns into inf, as DeepSpeed's own
+        return combine_grad_norm_groups([optimizer.get_grad_norm_direct(grads, params, norm_type)], norm_type)
+
+    optimizer.scaled_global_norm = scaled_global_norm

@@ -38,7 +38,7 @@ from .faults import (NonFiniteError, SaveError, SpikeDetector, inject_fault, non
                      training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
-from .optim import build_optimizer, lr_schedule
+from .optim import build_optimizer, lr_schedule, reduce_the_gradient_norm_alike_on_every_stage
 from .resharding import load_resharded
 from .signals import StopRequest
 
@@ -128,6 +128,7 @@ class Trainer:
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
+        reduce_the_gradient_norm_alike_on_every_stage(self.engine.optimizer)
         self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
         # rank 0 copies DeepSpeed's recovery scripts into --save with each save, past its engine
         copy_scripts = self.engine._copy_recovery_script

@@ -1,0 +1,50 @@
+"""The local model cut across pipeline stages: tiny.yaml with cross-patch attention (each
+patch's local model also attends to the previous patch's last bytes) trained on 3 and 4
+stages, and on 2 stages x tp=2, gives the 1-rank run's losses and gradient norms.
+
+tiny's local model is most of its FLOPs (73%), so the flops partition puts it on several
+stages: pp=3 [0, 3, 5, 7] (the global-to-local input and local block 1 | block 2 and the
+Head), pp=4 [0, 3, 5, 6, 7], and pp=2 [0, 5, 7], where each tensor-parallel rank carries
+its own share of the patches from stage 0 to stage 1. Without cross-patch attention the
+same cuts train in tests/train/test_pretrain.py (pp=2, pp=2 x dp=2, pp=2 x tp=2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatrain.config import load_config
+from megatrain.model import layer_specs
+from megatrain.parallel import byte_input_layer, first_local_layer, pipeline_parts
+
+from .test_pretrain import TINY, batch, pretrain, relative_gaps
+
+CROSS_PATCH = ["--set", "model.cross_patch=2"]
+LAYOUTS = {  # name: (launcher, ranks, options, stage boundaries); the global batch is 4 in all
+    "pp=3": ("torchrun-env", 3, ["--pp", "3", *batch(1, 4)], [0, 3, 5, 7]),
+    "pp=4": ("torchrun-env", 4, ["--pp", "4", *batch(1, 4)], [0, 3, 5, 6, 7]),
+    "pp=2 x tp=2": ("slurm-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2)], [0, 5, 7]),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_shards, cpu_comm, tmp_path_factory):
+    return pretrain("1 rank", "python", 1, CROSS_PATCH, tiny_shards, tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_the_local_model_on_several_stages_trains_as_on_one_rank(one_rank, name, tiny_shards, tmp_path):
+    launcher, ranks, options, parts = LAYOUTS[name]
+    cfg = load_config(TINY, ["model.cross_patch=2"])
+    assert pipeline_parts(cfg.model, "flops", len(parts) - 1) == parts
+    assert sum(start > first_local_layer(cfg.model) for start in parts[1:-1]) >= 1, "a cut inside the local model"
+    run = pretrain(name, launcher, ranks, [*CROSS_PATCH, *options], tiny_shards, tmp_path)
+    assert max(relative_gaps(one_rank.losses(), run.losses())) < 1e-5
+    grads = [[r["grad_norm"] for r in r_.steps[:4]] for r_ in (one_rank, run)]
+    assert max(relative_gaps(*grads)) < 1e-5
+    # the tied local embedding lives on two stages (byte input, Head): its copies stay equal
+    tag = run.dir / "ckpt" / "global_step4"
+    head = len(layer_specs(cfg.model)) - 1
+    embedding = torch.load(tag / f"layer_{byte_input_layer(cfg.model):02d}-model_00-model_states.pt")["byte_embed.weight"]
+    assert torch.equal(embedding, torch.load(tag / f"layer_{head:02d}-model_00-model_states.pt")["out.weight"])
