@@ -207,8 +207,8 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
         data = self.train_data.state_dict() if self.train_data is not None else None
-        return {"config": config_to_dict(self.cfg), "layout": {"pp": self.layout.pp, "tp": self.layout.tp,
-                                                               "dp": self.layout.dp},
+        layout = {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp, "parts": self.engine.module.parts}
+        return {"config": config_to_dict(self.cfg), "layout": layout,
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
                 "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
                 "skipped_steps": self.skipped_steps, "recent_losses": list(self.spikes.losses)}
@@ -256,7 +256,10 @@ class Trainer:
         """Resume from a tag directory that `check_resumable` accepted."""
         client = read_client_state(tag)
         saved = client["layout"]
-        if is_universal(tag) or (saved["pp"], saved["tp"]) != (self.layout.pp, self.layout.tp):
+        # DeepSpeed's own files fit only the layout and stage boundaries they were saved at
+        # (checkpoints from before the boundaries were recorded are resharded)
+        same = (saved["pp"], saved["tp"], saved.get("parts")) == (self.layout.pp, self.layout.tp, self.engine.module.parts)
+        if is_universal(tag) or not same:
             load_resharded(self.engine, tag, client)
             # no RNG state fits another layout: new streams, not a replay of step 0's
             seed_everything(self.cfg.train.seed + self.engine.global_steps)

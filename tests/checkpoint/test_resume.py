@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.checkpoint import CheckpointError, consolidate, is_universal, partial_tag
+from megatrain.checkpoint import CheckpointError, consolidate, is_universal, partial_tag, read_client_state
 from megatrain.config import config_to_dict, load_config
 from megatrain.parallel.tensor_parallel import BLOCK_SPLITS
 from megatrain.train.checkpointing import check_resumable
@@ -91,11 +91,11 @@ def replicas_that_differ(tag: Path) -> list[str]:
 
 
 def test_pp2_tp2_resumes_bitwise(tiny_shards, cpu_comm, tmp_path):
-    first = pretrain("pp2tp2", "deepspeed", 4, [*PP2_TP2, "--train-steps", "6", "--save-interval", "3"],
+    first = pretrain("pp2tp2", "slurm-env", 4, [*PP2_TP2, "--train-steps", "6", "--save-interval", "3"],
                      tiny_shards, tmp_path / "straight")
     # with dropout, rank 0 measuring the matmul peak must not put its masks out of step with its peers'
     assert replicas_that_differ(first.dir / "ckpt" / "global_step6") == []
-    resumed = pretrain("pp2tp2 resumed", "deepspeed", 4,
+    resumed = pretrain("pp2tp2 resumed", "slurm-env", 4,
                        [*PP2_TP2, "--train-steps", "6", "--load", str(copy_at(first.dir / "ckpt", 3, tmp_path / "c"))],
                        tiny_shards, tmp_path / "resumed")
     expected = losses(first.dir)
@@ -127,7 +127,7 @@ KILL_STEPS = 8
 def straight_pp2_dp2(tiny_shards, cpu_comm, tmp_path_factory) -> dict[int, float]:
     """The losses of the pp=2 x dp=2 run that no one kills."""
     out = tmp_path_factory.mktemp("straight_pp2dp2")
-    return losses(pretrain("pp2dp2", "deepspeed", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS)], tiny_shards, out).dir)
+    return losses(pretrain("pp2dp2", "slurm-env", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS)], tiny_shards, out).dir)
 
 
 def kill_all(procs: list[subprocess.Popen]) -> None:
@@ -188,7 +188,7 @@ def test_kill_9_of_every_rank_then_resume_gives_the_straight_losses(straight_pp2
         ran = losses(out)
         assert ran == {s: straight_pp2_dp2[s] for s in range(start + 1, start + 1 + len(ran))}, (how, seed)
     start = saved_step(ckpt)
-    resumed = pretrain("after kills", "deepspeed", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS), "--load", str(ckpt),
+    resumed = pretrain("after kills", "slurm-env", 4, [*PP2_DP2, "--train-steps", str(KILL_STEPS), "--load", str(ckpt),
                                                        "--save", str(ckpt)], tiny_shards, tmp_path / "resumed")
     assert losses(resumed.dir) == {s: straight_pp2_dp2[s] for s in range(start + 1, KILL_STEPS + 1)}
     assert not list(ckpt.glob(".partial-*"))  # cleared by the resumed run
@@ -257,7 +257,7 @@ def close_to(expected: dict[int, float], got: dict[int, float], steps: range) ->
 
 
 def test_pp2_tp2_checkpoint_converts_and_resumes_on_one_rank(straight, tiny_shards, tmp_path):
-    first = pretrain("pp2tp2", "deepspeed", 4, ["--pp", "2", "--tp", "2", *batch(2, 2), "--train-steps", str(STEPS),
+    first = pretrain("pp2tp2", "slurm-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2), "--train-steps", str(STEPS),
                                                 "--save-interval", "4"], tiny_shards, tmp_path / "pp2tp2")
     expected = losses(straight.dir)
     assert close_to(expected, losses(first.dir), range(1, STEPS + 1))
@@ -277,9 +277,28 @@ def test_pp2_tp2_checkpoint_converts_and_resumes_on_one_rank(straight, tiny_shar
 def test_one_rank_checkpoint_resumes_at_pp2_tp2(straight, tiny_shards, tmp_path):
     """Read straight from DeepSpeed's files of the other layout, no convert."""
     ckpt = copy_at(straight.dir / "ckpt", 8, tmp_path / "ckpt")
-    resumed = pretrain("resumed at pp2 tp2", "deepspeed", 4, ["--pp", "2", "--tp", "2", *batch(2, 2), "--train-steps",
+    resumed = pretrain("resumed at pp2 tp2", "slurm-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2), "--train-steps",
                                                               str(STEPS), "--load", str(ckpt)], tiny_shards, tmp_path)
     assert close_to(losses(straight.dir), losses(resumed.dir), range(9, STEPS + 1))
+
+
+def test_a_checkpoint_resumes_under_other_stage_boundaries(straight, tiny_shards, tmp_path):
+    """pp=2 cut by parameters ([0, 2, 7]: the local model whole on stage 1, as before the
+    local model was cut) resumes cut by flops ([0, 5, 7]: inside the local model, the Head's
+    copy of the embedding made from the saved embedding), and back again."""
+    pp2 = ["--pp", "2", *batch(2, 2), "--save-interval", "2"]
+    by_parameters = ["--set", "parallel.partition_method=parameters"]
+    old = pretrain("pp2 parameters", "slurm-env", 2, [*pp2, *by_parameters, "--train-steps", "4"], tiny_shards,
+                   tmp_path / "old")
+    new = pretrain("pp2 flops", "slurm-env", 2, [*pp2, "--train-steps", "6", "--load", str(old.dir / "ckpt")],
+                   tiny_shards, tmp_path / "new")
+    back = pretrain("pp2 parameters again", "slurm-env", 2,
+                    [*pp2, *by_parameters, "--train-steps", "8", "--load", str(new.dir / "ckpt")], tiny_shards,
+                    tmp_path / "back")
+    assert read_client_state(new.dir / "ckpt" / "global_step6")["layout"]["parts"] == [0, 5, 7]
+    expected = losses(straight.dir)
+    for run, steps in ((old, range(1, 5)), (new, range(5, 7)), (back, range(7, 9))):
+        assert close_to(expected, losses(run.dir), steps)
 
 
 def test_convert_refuses_what_it_cannot_write(straight, tmp_path):
