@@ -1,8 +1,10 @@
-"""Single-device benchmark: training throughput, MFU, peak memory, loader and generation speed.
+"""Benchmark: training throughput, MFU, peak memory, loader and generation speed on one
+device; the parallel layouts' stage balance and step times on the devices of this machine.
 
     python -m megatrain.bench [--config configs/NAME.yaml] [--set KEY=VALUE] [--device auto|cuda|cpu]
-        [--figures train,loader,generation,scaling] [--steps N] [--warmup N] [--json]
+        [--figures train,loader,generation,scaling,parallel] [--steps N] [--warmup N] [--json]
         [--gen-bytes N] [--gen-rounds R] [--generators cached,uncached,plain] [--plain-dim D] [--data DIR]
+        [--layouts 1,pp2,tp2,dp2,pp2xtp2]
 
 Each figure is printed as soon as it is measured, one line each (with --json one JSON object,
 its "figure" naming it), and every line names the device: a run cut short keeps what it had
@@ -26,6 +28,8 @@ and with a plain byte-level transformer that keeps a key/value cache and has as 
 parameters in its transformer blocks. The loader is timed on `--data` (or on the standard
 library's modules, sharded for the purpose) against `zstd -d` of the same bytes
 (`megatrain.data.bench`). `scaling` is the cost per byte from 8K to 1M bytes of context.
+`parallel` (`megatrain.bench_parallel`) runs `launch/pretrain.py` at each of --layouts:
+each stage's layers, FLOPs share, parameter and activation memory, and the step time.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatrain.config import ConfigError, TrainConfig, load_config
+from megatrain.config import ConfigError, RunConfig, TrainConfig, load_config
 from megatrain.model import Megabyte, MegabyteConfig, StageBlock, bytes_loss
 from megatrain.model.decoding import PreallocatedKVCache, generate
 from megatrain.model.layers import Block
@@ -56,13 +60,14 @@ from megatrain.model.layers import Block
 # DeepSpeed (which these import) logs to the sys.stdout it finds when first imported: let that
 # be stderr, so that stdout holds the figures alone.
 with contextlib.redirect_stdout(sys.stderr):
+    from megatrain.bench_parallel import ParallelLayout, parallel_figure
     from megatrain.parallel.cost import model_flops_per_byte
     from megatrain.train.metrics import (datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                                          peak_memory_bytes, synchronize)
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_BYTES = 64  # untimed generation before the timed rounds
-FIGURES = ("train", "loader", "generation", "scaling")
+FIGURES = ("train", "loader", "generation", "scaling", "parallel")
 GENERATORS = ("cached", "uncached", "plain")
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -299,16 +304,33 @@ def loader_speed(data: str | None, seq_len: int) -> dict[str, float]:
     """Loader bytes/s (one rank, `megatrain.data.bench`) over up to 64 MiB of `data`'s train
     split, or of shards of the standard library's modules built for the purpose."""
     from megatrain.data.bench import loader_benchmark
+
+    with shards_or_standard_library(data) as data:
+        report = loader_benchmark(data, seq_len, max_bytes=64 << 20, repeats=1)
+    return {"loader_bytes_per_s": report["loader_bytes_per_s"], "loader_vs_zstd": report["ratio"]}
+
+
+@contextlib.contextmanager
+def shards_or_standard_library(data: str | None) -> Iterator[str]:
+    """`data`, or shards of the standard library's modules (every machine has them) built
+    into a temporary directory for as long as the context lasts."""
+    if data is not None:
+        yield data
+        return
     from megatrain.demo import corpus_files
 
     with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            data = str(Path(tmp) / "shards")
-            files = [str(f) for source in corpus_files().values() for f in source]
-            subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", data],
-                           cwd=REPO, check=True, capture_output=True)
-        report = loader_benchmark(data, seq_len, max_bytes=64 << 20, repeats=1)
-    return {"loader_bytes_per_s": report["loader_bytes_per_s"], "loader_vs_zstd": report["ratio"]}
+        files = [str(f) for source in corpus_files().values() for f in source]
+        subprocess.run([sys.executable, "-m", "data_prep.build_shards", *files, "--output", tmp],
+                       cwd=REPO, check=True, capture_output=True)
+        yield tmp
+
+
+def parallel(config: str, run: RunConfig, overrides: tuple[str, ...], layouts: tuple[ParallelLayout, ...],
+             data: str | None, steps: int, warmup: int, emit: Emit) -> list[dict[str, Any]]:
+    """The "parallel" figure (`megatrain.bench_parallel`) on `data` or the standard library's shards."""
+    with shards_or_standard_library(data) as data:
+        return parallel_figure(config, run, overrides, list(layouts), data, steps, warmup, emit)
 
 
 class Report:
@@ -336,7 +358,7 @@ class Report:
 def run_benchmark(config: str, device: torch.device, report: Report, figures: tuple[str, ...] = FIGURES[:3],
                   overrides: tuple[str, ...] = (), steps: int = 10, warmup: int = 2, gen_bytes: int = 8192,
                   gen_rounds: int = 1, generators: tuple[str, ...] = GENERATORS, plain_dim: int = 0,
-                  data: str | None = None) -> bool:
+                  data: str | None = None, layouts: tuple[ParallelLayout, ...] = ()) -> bool:
     """Measure `figures` on `device`, each reported as it is measured; False if one failed
     (out of memory: said in its line, and the others still run)."""
     run = load_config(config, overrides)
@@ -352,6 +374,7 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
         "generation": lambda: generation_speed(cfg, gen_bytes, device, dtype, gen_rounds, plain_dim, generators,
                                                report.emit),
         "scaling": lambda: scaling(device, train.precision, emit=report.emit),
+        "parallel": lambda: parallel(config, run, overrides, layouts, data, steps, warmup, report.emit),
     }
     ok = True
     for figure in figures:
@@ -362,7 +385,7 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
             report.emit(figure, {"error": "out of memory", "detail": str(e).splitlines()[0],
                                  "peak_memory_gib": peak_memory_bytes(device) / 2**30})
             continue  # its tensors are freed with the traceback; the allocator reuses their memory
-        if figure != "scaling":  # its rows were reported one by one
+        if figure not in ("scaling", "parallel"):  # their rows were reported one by one
             report.emit(figure, values)
     return ok
 
@@ -380,6 +403,14 @@ def names(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def layouts(text: str) -> tuple[ParallelLayout, ...]:
+    """An argparse type: comma-separated layouts (`ParallelLayout.parse`)."""
+    try:
+        return tuple(ParallelLayout.parse(name.strip()) for name in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatrain.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="run config (default: configs/megabyte-text-1b.yaml on a GPU, "
@@ -387,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: the GPU if torch sees one; cuda: fail unless it does")
     parser.add_argument("--figures", type=names(FIGURES), default=FIGURES[:3],
-                        help=f"what to measure, in order (default: {','.join(FIGURES[:3])}; also: scaling)")
+                        help=f"what to measure, in order (default: {','.join(FIGURES[:3])}; also: scaling, parallel)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--gen-bytes", type=int, default=8192,
@@ -401,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="config override, e.g. model.global_layers=2 (repeatable)")
     parser.add_argument("--data", default=None, help="shards to time the loader on (default: the standard "
                         "library's modules, sharded into a temporary directory)")
+    parser.add_argument("--layouts", type=layouts, default=(ParallelLayout(), ParallelLayout(pp=2)),
+                        help="the parallel figure's layouts, the first the speed-ups' base (default: 1,pp2; "
+                             "e.g. 1,pp2,tp2,dp2,pp2xtp2)")
     parser.add_argument("--json", action="store_true", help="one JSON object a line")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.warmup < 0 or args.gen_bytes <= 0 or args.gen_rounds <= 0 or args.plain_dim < 0:
@@ -413,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.json, device=device_name(device), config=config, overrides=list(args.set))
     try:
         ok = run_benchmark(config, device, report, args.figures, tuple(args.set), args.steps, args.warmup,
-                           args.gen_bytes, args.gen_rounds, args.generators, args.plain_dim, args.data)
+                           args.gen_bytes, args.gen_rounds, args.generators, args.plain_dim, args.data, args.layouts)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     report.close()

@@ -16,6 +16,7 @@ import zstandard
 from megatrain.bench import Checkpointed, PlainTransformer, block_params, build_model, checkpoint_blocks, main, scaling
 from megatrain.config import load_config
 from megatrain.model import Megabyte, bytes_loss
+from megatrain.parallel import layer_costs, pipeline_parts, stage_loads
 from megatrain.train.metrics import device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +135,33 @@ def test_scaling_rows():
     rows = scaling(torch.device("cpu"), "fp32", global_dim=128, contexts=(4096, 32768))
     assert [(r["seq_len"], r["patch_size"]) for r in rows] == [(4096, 16), (32768, 32)]
     assert all(r["us_per_byte"] > 0 and r["model_flops_per_byte"] > 0 for r in rows)
+
+
+def test_parallel_figure_gives_each_stage_and_each_layouts_measured_step(tiny_shards, cpu_comm):
+    result = subprocess.run([*BENCH, "--figures", "parallel", "--layouts", "pp2", "--steps", "2", "--warmup", "1",
+                             "--data", str(tiny_shards), "--set", "train.global_batch_size=4"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    stages = [line for line in lines if line["figure"] == "stage"]
+    run, = (line for line in lines if line["figure"] == "parallel")
+    cfg = load_config(TINY).model
+    parts = pipeline_parts(cfg, "flops", 2)
+    assert [s["layers"] for s in stages] == [f"0-{parts[1] - 1}", f"{parts[1]}-6"]
+    assert stages[1]["holds"] == "1 local block, Head"  # the local model is cut
+    loads = stage_loads(cfg, parts)
+    assert [s["flops_share"] for s in stages] == pytest.approx([x / sum(loads) for x in loads])
+    assert run["max_over_mean_stage_flops"] == pytest.approx(max(loads) / (sum(loads) / 2))
+    assert sum(s["params_m"] for s in stages) * 1e6 == pytest.approx(sum(c.params for c in layer_costs(cfg)))
+    assert run["layout"] == "pp2" and run["ranks"] == 2 and run["speedup"] == 1 and run["step_s"] > 0
+
+
+@pytest.mark.parametrize("text, error", [("pp2xpp2", "pp/tp/dp sizes joined by x"), ("pp0", "pp/tp/dp"),
+                                         ("2", "pp/tp/dp")])
+def test_bad_layouts_are_named(text, error, capsys):
+    with pytest.raises(SystemExit):
+        main(["--figures", "parallel", "--layouts", f"1,{text}"])
+    assert f"layout {text!r}: write 1, or {error}" in capsys.readouterr().err
 
 
 def gpu_check(out: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,151 @@
+"""The "parallel" figure of `megatrain.bench`: where a layout cuts the model and how fast it steps.
+
+For each layout ("1", "pp2", "tp2", "dp2", "pp2xtp2", ...) it prints one "stage" line per
+pipeline stage, from `megatrain.parallel.cost` (its layers, its share of the FLOPs,
+its parameters and the activations it keeps per sequence of a micro-batch, both on one
+of its ranks), then a "parallel" line: the stage FLOPs balance (max / mean) and the
+step time measured by running `launch/pretrain.py` on that many ranks of this machine
+(random-free: the standard library's sources as data unless --data), the median of
+the timed steps, and the speed-up over the first layout.
+
+On a CPU each rank gets one thread (`OMP_NUM_THREADS=1`), so that a layout of n ranks
+has n times the cores of one rank, as n GPUs would. Compare layouts at one global
+batch (`--set train.global_batch_size=N`): a layout's batch is otherwise
+micro x accumulation x dp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megatrain.config import RunConfig
+from megatrain.model import MegabyteConfig, StageBlock, layer_specs
+from megatrain.parallel import first_local_layer, layer_costs, pipeline_parts
+from megatrain.parallel.pipeline import tensor_parallel_layers
+
+REPO = Path(__file__).resolve().parents[1]
+BYTES_PER_VALUE = 4  # fp32 weights and activations; bf16 halves the activations
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    pp: int = 1
+    tp: int = 1
+    dp: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.pp * self.tp * self.dp
+
+    @property
+    def name(self) -> str:
+        return "x".join(f"{k}{v}" for k, v in vars(self).items() if v > 1) or "1"
+
+    @classmethod
+    def parse(cls, text: str) -> "ParallelLayout":
+        """"1", or pp / tp / dp sizes joined by "x": "pp2", "pp2xtp2", "tp2xdp2"."""
+        if text == "1":
+            return cls()
+        parts = text.split("x")
+        found = [re.fullmatch(r"(pp|tp|dp)([1-9][0-9]*)", p) for p in parts]
+        if not all(found) or len({m[1] for m in found}) != len(found):
+            raise ValueError(f"layout {text!r}: write 1, or pp/tp/dp sizes joined by x (e.g. pp2xtp2)")
+        return cls(**{m[1]: int(m[2]) for m in found})
+
+
+def describe_layers(cfg: MegabyteConfig, layers: range) -> str:
+    """The layers in words, runs of blocks counted: "GlobalEmbedding, 2 global blocks, StageInput"."""
+    sharded = set(tensor_parallel_layers(cfg))
+    kinds = [("global block" if i in sharded else "local block") if cls is StageBlock else cls.__name__
+             for i, (cls, _) in ((i, layer_specs(cfg)[i]) for i in layers)]
+    runs = [(kind, len(list(group))) for kind, group in groupby(kinds)]
+    return ", ".join(f"{n} {kind}s" if n > 1 else (f"1 {kind}" if kind.endswith("block") else kind) for kind, n in runs)
+
+
+def stage_lines(run: RunConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
+    """What each pipeline stage of `layout` holds and costs, on one of its ranks: the global
+    blocks' parameters split over tp, the local model's activations too (each tp rank runs it
+    on its share of the patches); the global blocks' activations are counted whole (an upper
+    bound at tp > 1: their norms' inputs are replicated, the rest is split)."""
+    cfg = run.model
+    parts = pipeline_parts(cfg, run.parallel.partition_method, layout.pp)
+    costs = layer_costs(cfg)
+    sharded, local = set(tensor_parallel_layers(cfg)), first_local_layer(cfg)
+    total = sum(c.flops_per_byte for c in costs)
+    micro = run.train.micro_batch_size
+    lines = []
+    for stage, (a, b) in enumerate(zip(parts, parts[1:])):
+        layers = range(a, b)
+        params = sum(costs[i].params / (layout.tp if i in sharded else 1) for i in layers)
+        activations = sum(costs[i].activations / (layout.tp if i >= local else 1) for i in layers) * micro
+        lines.append({"layout": layout.name, "stage": stage, "layers": f"{a}-{b - 1}",
+                      "holds": describe_layers(cfg, layers),
+                      "flops_share": sum(costs[i].flops_per_byte for i in layers) / total,
+                      "params_m": params / 1e6, "param_mib": params * BYTES_PER_VALUE / 2**20,
+                      "activation_mib": activations * BYTES_PER_VALUE / 2**20})
+    return lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_step_s(config: str, overrides: tuple[str, ...], layout: ParallelLayout, data: str, steps: int,
+                   warmup: int, timeout_s: float = 3600) -> float:
+    """The median step time of `launch/pretrain.py` over `steps` steps after `warmup`, run on
+    layout.ranks processes of this machine (the variables torchrun would set)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "metrics.jsonl"
+        args = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", config, "--data", data,
+                "--pp", str(layout.pp), "--tp", str(layout.tp), "--train-steps", str(warmup + steps),
+                "--metrics", str(metrics), *(a for o in overrides for a in ("--set", o))]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WORLD_SIZE": str(layout.ranks), "LOCAL_WORLD_SIZE": str(layout.ranks)}
+        if not torch.cuda.is_available():
+            env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+        logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(layout.ranks)]
+        procs = [subprocess.Popen(args, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=log, stderr=subprocess.STDOUT) for r, log in enumerate(logs)]
+        codes = [p.wait(timeout=timeout_s) for p in procs]
+        if any(codes):
+            failed = codes.index(next(c for c in codes if c))
+            logs[failed].seek(0)
+            raise RuntimeError(f"layout {layout.name}: rank {failed} exited {codes[failed]}:\n"
+                               f"{logs[failed].read()[-3000:]}")
+        times = [json.loads(line)["step_s"] for line in metrics.read_text().splitlines()][warmup:]
+        return statistics.median(times)
+
+
+def parallel_figure(config: str, run: RunConfig, overrides: tuple[str, ...], layouts: list[ParallelLayout],
+                    data: str, steps: int, warmup: int, emit: Emit) -> list[dict[str, Any]]:
+    """Each layout's stage lines and its measured "parallel" line, as they are known."""
+    rows, base = [], None
+    for layout in layouts:
+        stages = stage_lines(run, layout)
+        for line in stages:
+            emit("stage", line)
+        step_s = measure_step_s(config, overrides, layout, data, steps, warmup)
+        base = base or step_s
+        shares = [s["flops_share"] for s in stages]
+        rows.append({"layout": layout.name, "ranks": layout.ranks,
+                     "max_over_mean_stage_flops": max(shares) / (sum(shares) / len(shares)),
+                     "step_s": step_s, "speedup": base / step_s})
+        emit("parallel", rows[-1])
+    return rows
