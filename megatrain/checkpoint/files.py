@@ -37,6 +37,11 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or not megatrain's."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files differ from their recorded sizes or checksums, with no
+    intact one to fall back to."""
+
+
 def step_tag(step: int) -> str:
     return f"global_step{step}"
 
@@ -107,7 +112,7 @@ def resolve_tag(ckpt: str | Path, verify: bool = False) -> Path:
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     if _is_complete(ckpt):
         if verify and (damage := damaged_files(ckpt)):
-            raise CheckpointError(f"{ckpt} is damaged: {'; '.join(damage)}")
+            raise DamagedCheckpointError(f"{ckpt} is damaged: {'; '.join(damage)}")
         return ckpt
     latest = ckpt / "latest"
     if not latest.exists():
@@ -122,7 +127,7 @@ def resolve_tag(ckpt: str | Path, verify: bool = False) -> Path:
             print(f"warning: {tag} is damaged ({'; '.join(damage)}): loading {older.name}, the newest intact "
                   f"checkpoint, instead", file=sys.stderr, flush=True)
             return older
-    raise CheckpointError(f"{tag} is damaged ({'; '.join(damage)}) and no older checkpoint in {ckpt} is intact")
+    raise DamagedCheckpointError(f"{tag} is damaged ({'; '.join(damage)}) and no older checkpoint in {ckpt} is intact")
 
 
 def load_file(path: Path, mmap: bool = False, map_location: Any = "cpu") -> Any:

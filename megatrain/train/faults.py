@@ -19,6 +19,7 @@ EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with -
 EXIT_NON_FINITE = 4  # train.max_skipped_steps non-finite steps in a row, or a save of non-finite state refused
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (e.g. a full disk); `latest` names the last complete one
 EXIT_CORRUPT_DATA = 6  # a corrupt shard met with data.on_corrupt: error (on the ranks that read it)
+EXIT_DAMAGED_CHECKPOINT = 7  # --load of a damaged checkpoint with no intact one to fall back to
 
 
 class RunFault(RuntimeError):
@@ -33,6 +34,10 @@ class NonFiniteError(RunFault):
 
 class SaveError(RunFault):
     exit_code = EXIT_SAVE_FAILED
+
+
+class DamagedCheckpoint(RunFault):
+    exit_code = EXIT_DAMAGED_CHECKPOINT
 
 
 def non_finite_count(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from megatrain.checkpoint import commit, is_universal, partial_tag, read_client_state, resolve_tag
+from megatrain.checkpoint import DamagedCheckpointError, commit, is_universal, partial_tag, read_client_state, resolve_tag
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, MixedStream, read_split
 from megatrain.data.mixture import Source, mixture_change, open_sources
@@ -34,7 +34,7 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
-from .faults import (NonFiniteError, SaveError, SpikeDetector, inject_fault, non_finite_count, planned_faults,
+from .faults import (DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector, inject_fault, non_finite_count, planned_faults,
                      training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
@@ -61,17 +61,19 @@ class RunOptions:
 
 
 def on_every_rank(what: str, fn: Callable[[], T], fails_as: type[Exception] = SetupError) -> T:
-    """fn() on every rank; if it fails on any rank, `fails_as` on all of them, so that no
-    rank is left waiting in a collective for one that has given up."""
+    """fn() on every rank; if it fails on any rank, `fails_as` on all of them (or the
+    RunFault it raised, which has an exit code of its own), so that no rank is left waiting
+    in a collective for one that has given up."""
     try:
         result, error = fn(), None
     except Exception as e:  # reported below, on every rank
-        result, error = None, f"{what}: {e}"
-    errors: list[str | None] = [None] * dist.get_world_size()
+        result, error = None, (f"{what}: {e}", type(e) if isinstance(e, RunFault) else fails_as)
+    errors: list[tuple[str, type[Exception]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = [e for e in errors if e]
     if failed:
-        raise fails_as(failed[0])
+        message, kind = failed[0]
+        raise kind(message)
     return result
 
 
@@ -162,8 +164,14 @@ class Trainer:
         every file would multiply the cost) and may fall back to an older tag; then every rank
         checks that one."""
         load = self.options.load
-        chosen = [on_every_rank(f"--load {load}",
-                                lambda: resolve_tag(load, verify=True) if self.world.rank == 0 else None)]
+
+        def verified_tag() -> Path:
+            try:
+                return resolve_tag(load, verify=True)
+            except DamagedCheckpointError as e:
+                raise DamagedCheckpoint(str(e)) from None
+
+        chosen = [on_every_rank(f"--load {load}", lambda: verified_tag() if self.world.rank == 0 else None)]
         dist.broadcast_object_list(chosen, src=0)
         return on_every_rank(f"--load {load}", lambda: checkpointing.check_resumable(
             chosen[0], config_to_dict(self.cfg)["model"], self.mixture, self.options.allow_data_change))

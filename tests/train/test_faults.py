@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatrain.train.faults import (EXIT_CORRUPT_DATA, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_SETUP_ERROR,
+from megatrain.train.faults import (EXIT_CORRUPT_DATA, EXIT_DAMAGED_CHECKPOINT, EXIT_NON_FINITE, EXIT_SAVE_FAILED,
                                     INJECT_FAULT)
 
 from ..distributed import REPO, launch
@@ -78,7 +78,7 @@ def test_non_finite_steps_are_skipped_alike_and_damaged_checkpoints_are_refused_
     result = verify(ckpt)
     assert result.returncode == 1 and f"{layer}: checksum differs" in result.stdout
     job, _ = pretrain(tmp_path, tiny_shards, 2, "refused", "--load", str(ckpt / "global_step2"))
-    assert job.rank_codes == [EXIT_SETUP_ERROR] * 2
+    assert job.rank_codes == [EXIT_DAMAGED_CHECKPOINT] * 2
     assert job.output.count(f"{layer}: checksum differs") == 2
 
 
