@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 import zstandard
 
+from megatrain.bench_parallel import ParallelLayout, stage_lines
 from megatrain.bench import Checkpointed, PlainTransformer, block_params, build_model, checkpoint_blocks, main, scaling
 from megatrain.config import load_config
 from megatrain.model import Megabyte, bytes_loss
@@ -137,23 +138,34 @@ def test_scaling_rows():
     assert all(r["us_per_byte"] > 0 and r["model_flops_per_byte"] > 0 for r in rows)
 
 
-def test_parallel_figure_gives_each_stage_and_each_layouts_measured_step(tiny_shards, cpu_comm):
-    result = subprocess.run([*BENCH, "--figures", "parallel", "--layouts", "pp2", "--steps", "2", "--warmup", "1",
+def test_parallel_figure_measures_each_layouts_step(tiny_shards, cpu_comm):
+    result = subprocess.run([*BENCH, "--figures", "parallel", "--layouts", "1", "--steps", "2", "--warmup", "1",
                              "--data", str(tiny_shards), "--set", "train.global_batch_size=4"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    stages = [line for line in lines if line["figure"] == "stage"]
+    stage, = (line for line in lines if line["figure"] == "stage")
     run, = (line for line in lines if line["figure"] == "parallel")
-    cfg = load_config(TINY).model
+    assert stage["layers"] == "0-6" and stage["flops_share"] == 1
+    assert run["layout"] == "1" and run["ranks"] == 1 and run["speedup"] == 1 and run["step_s"] > 0
+
+
+def test_parallel_figure_gives_each_stage_its_layers_flops_and_memory():
+    run = load_config(TINY)
+    cfg = run.model
     parts = pipeline_parts(cfg, "flops", 2)
+    stages = stage_lines(run, ParallelLayout(pp=2, tp=2))
     assert [s["layers"] for s in stages] == [f"0-{parts[1] - 1}", f"{parts[1]}-6"]
-    assert stages[1]["holds"] == "1 local block, Head"  # the local model is cut
+    assert [s["holds"] for s in stages] == ["GlobalEmbedding, 2 global blocks, StageInput, 1 local block",
+                                            "1 local block, Head"]  # the local model is cut
     loads = stage_loads(cfg, parts)
     assert [s["flops_share"] for s in stages] == pytest.approx([x / sum(loads) for x in loads])
-    assert run["max_over_mean_stage_flops"] == pytest.approx(max(loads) / (sum(loads) / 2))
-    assert sum(s["params_m"] for s in stages) * 1e6 == pytest.approx(sum(c.params for c in layer_costs(cfg)))
-    assert run["layout"] == "pp2" and run["ranks"] == 2 and run["speedup"] == 1 and run["step_s"] > 0
+    costs = layer_costs(cfg)
+    global_blocks = sum(costs[i].params for i in (1, 2))
+    assert sum(s["params_m"] for s in stages) * 1e6 == pytest.approx(sum(c.params for c in costs) - global_blocks / 2)
+    local_activations = sum(c.activations for c in costs[parts[1]:])  # split over tp with the patches
+    micro = run.train.micro_batch_size
+    assert stages[1]["activation_mib"] * 2**20 == pytest.approx(local_activations * micro / 2 * 4)  # fp32
 
 
 @pytest.mark.parametrize("text, error", [("pp2xpp2", "pp/tp/dp sizes joined by x"), ("pp0", "pp/tp/dp"),

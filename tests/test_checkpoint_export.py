@@ -30,7 +30,7 @@ def parallel_run(tiny_shards, cpu_comm, tmp_path_factory):
     args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(tiny_shards), "--pp", "2", "--tp", "2",
             "--train-steps", "3", "--save", str(out / "ckpt"), "--metrics", str(out / "runs" / "x" / "metrics.jsonl"),
             "--set", "train.eval_interval=3", "--set", f"train.eval_bytes={VAL_BYTES}"]
-    job = launch("deepspeed", 4, args, out)
+    job = launch("slurm-env", 4, args, out)
     assert job.returncode == 0, job.output[-5000:]
     return out
 

@@ -39,8 +39,8 @@ LAYOUTS = {
     "dp=2": ("mpirun", 2, batch(2, 1)),
     "pp=2": ("slurm-env", 2, ["--pp", "2", *batch(2, 2)]),
     "tp=2": ("torchrun-env", 2, ["--tp", "2", *batch(2, 2), *EVAL]),
-    "pp=2 x dp=2": ("deepspeed", 4, ["--pp", "2", *batch(1, 2), *EVAL, "--set", "train.activation_checkpointing=true",
-                                     "--set", "train.monitor=[csv]"]),
+    "pp=2 x dp=2": ("torchrun-env", 4, ["--pp", "2", *batch(1, 2), *EVAL, "--set", "train.activation_checkpointing=true",
+                                        "--set", "train.monitor=[csv]"]),
     # the acceptance command of the training issue, unchanged
     "pp=2 x tp=2": ("deepspeed", 4, ["--pp", "2", "--tp", "2", "--train-steps", "20"]),
 }
@@ -230,6 +230,6 @@ THREE_STAGES = ["--set", "model.mid_stages=[{patch_size: 2, dim: 32, layers: 1, 
 
 def test_three_stages_train_alike_on_one_rank_and_pp2_tp2(tiny_shards, cpu_comm, tmp_path):
     one = pretrain("3 stages", "python", 1, [*THREE_STAGES, *batch(4, 1)], tiny_shards, tmp_path / "one")
-    parallel = pretrain("3 stages at pp=2 x tp=2", "deepspeed", 4, [*THREE_STAGES, "--pp", "2", "--tp", "2",
+    parallel = pretrain("3 stages at pp=2 x tp=2", "slurm-env", 4, [*THREE_STAGES, "--pp", "2", "--tp", "2",
                                                                    *batch(2, 2)], tiny_shards, tmp_path / "pp2tp2")
     assert max(relative_gaps(one.losses(), parallel.losses())) < 1e-4
