@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from megatrain.config import RunConfig
 from megatrain.model import MegabyteConfig, StageBlock, layer_specs
 from megatrain.parallel import first_local_layer, layer_costs, pipeline_parts
 from megatrain.parallel.pipeline import tensor_parallel_layers
+from megatrain.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES_PER_VALUE = 4  # fp32 weights and activations; bf16 halves the activations
@@ -70,9 +70,9 @@ class ParallelLayout:
 
 def describe_layers(cfg: MegabyteConfig, layers: range) -> str:
     """The layers in words, runs of blocks counted: "GlobalEmbedding, 2 global blocks, StageInput"."""
-    sharded = set(tensor_parallel_layers(cfg))
-    kinds = [("global block" if i in sharded else "local block") if cls is StageBlock else cls.__name__
-             for i, (cls, _) in ((i, layer_specs(cfg)[i]) for i in layers)]
+    sharded, specs = set(tensor_parallel_layers(cfg)), layer_specs(cfg)
+    kinds = [("global block" if i in sharded else "local block") if specs[i][0] is StageBlock else specs[i][0].__name__
+             for i in layers]
     runs = [(kind, len(list(group))) for kind, group in groupby(kinds)]
     return ", ".join(f"{n} {kind}s" if n > 1 else (f"1 {kind}" if kind.endswith("block") else kind) for kind, n in runs)
 
@@ -101,12 +101,6 @@ def stage_lines(run: RunConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
     return lines
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_step_s(config: str, overrides: tuple[str, ...], layout: ParallelLayout, data: str, steps: int,
                    warmup: int, timeout_s: float = 3600) -> float:
     """The median step time of `launch/pretrain.py` over `steps` steps after `warmup`, run on
@@ -116,19 +110,21 @@ def measure_step_s(config: str, overrides: tuple[str, ...], layout: ParallelLayo
         args = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", config, "--data", data,
                 "--pp", str(layout.pp), "--tp", str(layout.tp), "--train-steps", str(warmup + steps),
                 "--metrics", str(metrics), *(a for o in overrides for a in ("--set", o))]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": str(layout.ranks), "LOCAL_WORLD_SIZE": str(layout.ranks)}
         if not torch.cuda.is_available():
             env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-        logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(layout.ranks)]
-        procs = [subprocess.Popen(args, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                  stdout=log, stderr=subprocess.STDOUT) for r, log in enumerate(logs)]
+        logs = [Path(tmp) / f"rank{r}.log" for r in range(layout.ranks)]
+        procs = []
+        for rank, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(args, cwd=REPO, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                              stdout=out, stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=timeout_s) for p in procs]
         if any(codes):
             failed = codes.index(next(c for c in codes if c))
-            logs[failed].seek(0)
             raise RuntimeError(f"layout {layout.name}: rank {failed} exited {codes[failed]}:\n"
-                               f"{logs[failed].read()[-3000:]}")
+                               f"{logs[failed].read_text()[-3000:]}")
         times = [json.loads(line)["step_s"] for line in metrics.read_text().splitlines()][warmup:]
         return statistics.median(times)
 

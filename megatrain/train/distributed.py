@@ -42,7 +42,8 @@ class World:
     launcher: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (a rendezvous may take it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +73,7 @@ def discover_launcher(env: dict[str, str] | None = None) -> str:
         env.setdefault("MASTER_PORT", str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10000))
         return "srun"
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return "python"
 
 

@@ -41,12 +41,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                if isinstance(m, (nn.Linear, nn.Conv1d)) and id(m.weight) not in embeddings
                and not getattr(m.weight, "embedding_copy", False)}
     params = [p for p in model.parameters() if p.requires_grad]
-    # Both groups on every rank, even a pipeline stage that holds no matrices: ZeRO reduces
-    # the gradient norm group by group over all the ranks, so they must count alike.
-    return [
+    groups = [
         {"name": "decay", "params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
         {"name": "no_decay", "params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # a pipeline stage may hold no matrices
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
@@ -61,7 +60,6 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     for group in optimizer.param_groups:
         group["step"] = 0
     return optimizer
-
 
 
 def reduce_the_gradient_norm_alike_on_every_stage(optimizer: object) -> None:

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from megatrain.checkpoint import DamagedCheckpointError, commit, is_universal, partial_tag, read_client_state, resolve_tag
+from megatrain.checkpoint import (DamagedCheckpointError, commit, is_universal, partial_tag, read_client_state,
+                                  resolve_tag)
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, MixedStream, read_split
 from megatrain.data.mixture import Source, mixture_change, open_sources
@@ -34,8 +35,8 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
-from .faults import (DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector, inject_fault, non_finite_count, planned_faults,
-                     training_state)
+from .faults import (DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector, inject_fault,
+                     non_finite_count, planned_faults, training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
 from .optim import build_optimizer, lr_schedule, reduce_the_gradient_norm_alike_on_every_stage
@@ -266,7 +267,8 @@ class Trainer:
         saved = client["layout"]
         # DeepSpeed's own files fit only the layout and stage boundaries they were saved at
         # (checkpoints from before the boundaries were recorded are resharded)
-        same = (saved["pp"], saved["tp"], saved.get("parts")) == (self.layout.pp, self.layout.tp, self.engine.module.parts)
+        here = (self.layout.pp, self.layout.tp, self.engine.module.parts)
+        same = (saved["pp"], saved["tp"], saved.get("parts")) == here
         if is_universal(tag) or not same:
             load_resharded(self.engine, tag, client)
             # no RNG state fits another layout: new streams, not a replay of step 0's
