@@ -1,7 +1,7 @@
 """Session fixtures every test folder shares (defined here once, so each runs once per session).
 
 - `cpu_comm` builds DeepSpeed's shared-memory comm op once before any multi-rank run
-  (every rank building it at once can crash a fresh machine);
+  (every rank building it at once can crash a fresh machine), with this venv's ninja;
 - `tiny_shards` builds a small dataset with `data_prep.build_shards`.
 """
 
@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import CPU_ENV, REPO
+
+# Every process this session starts finds this venv's ninja first: DeepSpeed builds its CPU
+# comm op with the first ninja on PATH, and the system's (another version) takes the venv's
+# build for stale and rebuilds it, about 50 s, then the venv's takes that one for stale.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
