@@ -42,10 +42,13 @@ class TrainConfig:
     # Steps whose loss or gradient norm is NaN / Inf on any rank are skipped on every rank;
     # this many in a row stop the run (exit code 4).
     max_skipped_steps: int = 5
-    # A loss above mean + spike_sigma std of the last spike_window steps is logged as a
-    # spike (`loss_spike` in the metrics line); 0 switches the detector off.
+    # A loss above mean + spike_sigma std of the last spike_window steps is a spike
+    # (`loss_spike` in the metrics line); 0 switches the detector off. spike_policy: log it
+    # and apply the update; skip the update; or rollback: reload the last checkpoint and go
+    # on with the data after the spike's batch. Decided alike on every rank.
     spike_window: int = 100
     spike_sigma: float = 6.0
+    spike_policy: Literal["log", "skip", "rollback"] = "log"
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 1234
     activation_checkpointing: bool = False

@@ -165,9 +165,13 @@ def commit(save_dir: Path, step: int) -> None:
         shutil.rmtree(final)
     os.replace(partial, final)
     latest = save_dir / "latest.tmp"
-    latest.write_text(step_tag(step))
-    _fsync(latest)
-    os.replace(latest, save_dir / "latest")
+    try:
+        latest.write_text(step_tag(step))
+        _fsync(latest)
+        os.replace(latest, save_dir / "latest")
+    except OSError:  # e.g. a full disk: `latest` still names the previous checkpoint
+        latest.unlink(missing_ok=True)
+        raise
     _fsync(save_dir)
 
 

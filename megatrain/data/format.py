@@ -44,7 +44,7 @@ class CorruptShardError(RuntimeError):
 
     def __init__(self, path: Path | str, reason: str):
         super().__init__(f"corrupt shard {path}: {reason}")
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
 
 
 def safe_relative_path(name: str) -> str:

@@ -151,6 +151,10 @@ class ByteStream:
             self._epoch, self._position = state
         return batch
 
+    def corrupt_shards(self) -> dict[str, str]:
+        """The corrupt shards whose windows were replaced so far (on_corrupt="skip"), and why."""
+        return self._reader.stream.corrupt_shards()
+
     def close(self) -> None:
         """Stop the threads. Iterating again restarts from the current state."""
         if self._finalizer is not None:
@@ -276,12 +280,21 @@ class _RankReader:
         buffer = self._buffers.take(len(windows) * self.seq_len)
         rows = buffer[: len(windows) * self.seq_len].reshape(len(windows), self.seq_len)
         failed = self._local.stream.read_windows(windows[by_offset], self.seq_len, rows)
-        if failed.any():  # on_corrupt="skip": stand-ins keep batch shapes and other ranks' positions
-            good, bad = np.flatnonzero(~failed), np.flatnonzero(failed)
-            if len(good) == 0:
-                raise RuntimeError(f"no readable window in shuffle group {group} of epoch {plan.epoch}")
-            rows[bad] = rows[good[np.arange(len(bad)) % len(good)]]
+        for row in np.flatnonzero(failed):  # on_corrupt="skip": stand-ins keep batch shapes and positions
+            self._read_stand_in(plan, group, int(positions[by_offset[row]]) - group_start, rows[row])
         return _Group(plan.epoch, group_start, group_stop, positions, slots, rows, buffer)
+
+
+    def _read_stand_in(self, plan: EpochOrder, group: int, index: int, row: np.ndarray) -> None:
+        """Read into `row` the first readable window after the group's index-th one (cyclic):
+        a choice that depends on the files alone, not on the rank or where the run started,
+        so that every layout and every resumed run replaces a corrupt window alike."""
+        group_windows = plan.group_windows(group)
+        for k in range(1, len(group_windows)):
+            candidate = group_windows[(index + k) % len(group_windows)]
+            if not self._local.stream.read_windows(np.array([candidate]), self.seq_len, row[None]).any():
+                return
+        raise RuntimeError(f"no readable window in shuffle group {group} of epoch {plan.epoch}")
 
 
 def _ordered_map(function: Callable[[Any], Any], items: Iterator[Any], threads: int) -> Iterator[Any]:

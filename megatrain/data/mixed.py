@@ -124,6 +124,10 @@ class MixedStream:
             self._position = position
         return batch
 
+    def corrupt_shards(self) -> dict[str, str]:
+        """The corrupt shards of every source whose windows were replaced so far (on_corrupt="skip")."""
+        return {path: why for stream in self._reader.streams for path, why in stream.corrupt_shards().items()}
+
     def close(self) -> None:
         """Stop the thread. Iterating again restarts from the current state."""
         if self._finalizer is not None:

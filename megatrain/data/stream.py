@@ -53,7 +53,7 @@ class SplitStream:
         self.length = int(self.batch_starts[-1])
         self._cache_bytes = cache_bytes
         self._max_open_files = max_open_files
-        self._reported: set[str] = set()  # shared by clones: one warning per shard
+        self._reported: dict[str, str] = {}  # corrupt shard -> why, shared by clones: one warning per shard
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -70,6 +70,11 @@ class SplitStream:
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
+
+    def corrupt_shards(self) -> dict[str, str]:
+        """The corrupt shards whose windows were replaced so far (on_corrupt="skip"), and why,
+        over this stream and its clones."""
+        return dict(self._reported)  # a copy: reading threads may add to it
 
     def shard_path(self, shard: int) -> Path:
         return self.data_dir / self.shards[shard].file
@@ -169,7 +174,7 @@ class SplitStream:
                 if self.on_corrupt == "error":
                     raise
                 if e.path not in self._reported:
-                    self._reported.add(e.path)
+                    self._reported[e.path] = e.reason
                     log.warning("on_corrupt='skip': replacing the windows that touch %s (%s)", e.path, e)
                 failed[lo:hi] = True
         return failed

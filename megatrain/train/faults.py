@@ -16,9 +16,9 @@ import torch
 
 EXIT_SETUP_ERROR = 2  # bad config, layout, data or --load: nothing trained
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --load
-EXIT_NON_FINITE = 4  # train.max_skipped_steps non-finite steps in a row, or a save of non-finite state refused
+EXIT_NON_FINITE = 4  # train.max_skipped_steps skipped steps in a row, or a save of non-finite state refused
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (e.g. a full disk); `latest` names the last complete one
-EXIT_CORRUPT_DATA = 6  # a corrupt shard met with data.on_corrupt: error (on the ranks that read it)
+EXIT_CORRUPT_DATA = 6  # a corrupt shard met with data.on_corrupt: error
 EXIT_DAMAGED_CHECKPOINT = 7  # --load of a damaged checkpoint with no intact one to fall back to
 
 
@@ -34,6 +34,10 @@ class NonFiniteError(RunFault):
 
 class SaveError(RunFault):
     exit_code = EXIT_SAVE_FAILED
+
+
+class CorruptData(RunFault):
+    exit_code = EXIT_CORRUPT_DATA
 
 
 class DamagedCheckpoint(RunFault):
@@ -69,13 +73,14 @@ class SpikeDetector:
             return None
         return float(np.mean(self.losses) + self.sigma * np.std(self.losses))
 
-    def is_spike(self, loss: float) -> bool:
+    def is_spike(self, loss: float, flagged: bool | None = None) -> bool:
+        """Whether `loss` is a spike (`flagged`: the verdict the step guard took on the device
+        against `threshold()`); a loss that is not joins the window."""
         threshold = self.threshold()
-        if threshold is not None and loss > threshold:
-            return True
-        if math.isfinite(loss):
+        spike = flagged if flagged is not None else threshold is not None and loss > threshold
+        if not spike and math.isfinite(loss):
             self.losses.append(loss)
-        return False
+        return spike
 
 
 # --- test-only: faults injected for real into a training run ---

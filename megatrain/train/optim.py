@@ -100,3 +100,25 @@ def _one_norm_reduction_over_all_groups(optimizer: object) -> None:
         return combine_grad_norm_groups([optimizer.get_grad_norm_direct(grads, params, norm_type)], norm_type)
 
     optimizer.scaled_global_norm = scaled_global_norm
+
+
+def veto_updates(optimizer: object, veto: torch.Tensor) -> None:
+    """Make DeepSpeed's gradient norm infinite while `veto` (a device flag, alike on every
+    rank) is set, so that its optimizer skips the update as it skips a non-finite one."""
+    if hasattr(optimizer, "get_grads_for_norm"):  # bf16: one more tensor in the norm
+        get_grads_for_norm = optimizer.get_grads_for_norm
+
+        def with_the_veto(for_clipping: bool = False):
+            grads = get_grads_for_norm(for_clipping=for_clipping)
+            if for_clipping:  # the tensors to clip, not those of the norm
+                return grads
+            return [*grads[0], torch.where(veto, torch.inf, 0.0)], grads[1]
+
+        optimizer.get_grads_for_norm = with_the_veto
+    else:  # ZeRO-1
+        scaled_global_norm = optimizer.scaled_global_norm
+
+        def vetoed_norm(norm_type: float = 2):
+            return torch.where(veto, torch.inf, scaled_global_norm(norm_type))
+
+        optimizer.scaled_global_norm = vetoed_norm

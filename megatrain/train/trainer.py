@@ -9,6 +9,7 @@ it, so that a resumed run continues exactly where this one left off
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import time
@@ -26,6 +27,7 @@ from megatrain.checkpoint import (DamagedCheckpointError, commit, is_universal, 
                                   resolve_tag)
 from megatrain.config import RunConfig, config_to_dict
 from megatrain.data import ByteStream, MixedStream, read_split
+from megatrain.data.format import CorruptShardError
 from megatrain.data.mixture import Source, mixture_change, open_sources
 from megatrain.parallel import MegabytePipeline, model_flops_per_byte, plan_layout, seed_rank_stream
 from megatrain.scoring import pooled
@@ -35,13 +37,14 @@ from . import checkpointing
 from .checkpointing import SafeCheckpointEngine
 from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
-from .faults import (DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector, inject_fault,
-                     non_finite_count, planned_faults, training_state)
+from .faults import (CorruptData, DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector,
+                     inject_fault, non_finite_count, planned_faults, training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
 from .optim import build_optimizer, lr_schedule, reduce_the_gradient_norm_alike_on_every_stage
 from .resharding import load_resharded
 from .signals import StopRequest
+from .step_guard import StepGuard
 
 T = TypeVar("T")
 
@@ -84,14 +87,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def as_batches(micro_batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[Batch]:
+def as_batches(micro_batches: Iterator[torch.Tensor], shape: tuple[int, int], device: torch.device,
+               guard: StepGuard) -> Iterator[Batch]:
     """Byte micro-batches as the pipeline engine reads them: the bytes are both the first
     stage's input and the last stage's targets (the model shifts them itself).
+
+    A corrupt shard (data.on_corrupt: error) gives zeros of the micro-batch's `shape` and
+    is reported to `guard`, which vetoes the step on every rank: a rank that stopped here
+    would leave the others waiting for its activations.
 
     They cross to a GPU as uint8 (an eighth of int64's bytes), from pinned memory without
     waiting, and are widened to int64 there; the engine's own copy (`clone().to(device)`,
     on the host) would be a blocking int64 transfer."""
-    for x in micro_batches:
+    while True:
+        try:
+            x = next(micro_batches)
+        except StopIteration:
+            return
+        except CorruptShardError as e:
+            guard.corrupt = guard.corrupt or e
+            x = torch.zeros(shape, dtype=torch.uint8)
         if device.type == "cuda":
             x = x.pin_memory()
         x = x.to(device, non_blocking=True).long()
@@ -132,15 +147,24 @@ class Trainer:
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
         reduce_the_gradient_norm_alike_on_every_stage(self.engine.optimizer)
+        t = cfg.train
+        self.guard = StepGuard(self.engine, veto_spikes=t.spike_policy != "log" and t.spike_window > 0,
+                               shards_met=self._corrupt_shards_met)
         self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
         # rank 0 copies DeepSpeed's recovery scripts into --save with each save, past its engine
         copy_scripts = self.engine._copy_recovery_script
         self.engine._copy_recovery_script = lambda path: checkpoint_engine.guarded(lambda: copy_scripts(path))
-        self.batches = as_batches(self.train_data, self.engine.device) if self.train_data is not None else None
+        # the trainer reports corrupt shards once, from rank 0 (`_report_corrupt_shards`), not every rank
+        logging.getLogger("megatrain.data.stream").setLevel(logging.ERROR)
+        self.corrupt_shards: set[str] = set()
+        self.shards_met = 0  # corrupt shards met by any rank's data, summed over ranks (the guard's count)
+        self.batches = None if self.train_data is None else as_batches(
+            self.train_data, (t.micro_batch_size, cfg.model.seq_len), self.engine.device, self.guard)
         self.metrics = on_every_rank("--metrics", self._open_metrics)
         self.val_bpb: float | None = None  # the last validation's
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self.skipped_steps = 0  # optimizer steps skipped (a non-finite loss or gradient norm, a vetoed spike)
         self.skipped_in_a_row = 0
+        self.rollbacks = 0  # train.spike_policy rollback: reloads of the last checkpoint
         self.resumed_from = resume_tag
         self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
         self.planned_faults = planned_faults(self.world.rank)  # test-only fault injection
@@ -220,14 +244,20 @@ class Trainer:
         return {"config": config_to_dict(self.cfg), "layout": layout,
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
                 "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
-                "skipped_steps": self.skipped_steps, "recent_losses": list(self.spikes.losses)}
+                "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+                "recent_losses": list(self.spikes.losses)}
+
+    def last_good_tag(self) -> Path | None:
+        """The newest complete checkpoint of this run: `latest` under --save, else the --load one."""
+        latest = Path(self.options.save) / "latest" if self.options.save else None
+        if latest is not None and latest.exists():
+            return latest.parent / latest.read_text().strip()
+        return self.resumed_from
 
     def last_good_checkpoint(self) -> str:
         """The checkpoint a run that stops on a fault can be resumed from, for its message."""
-        latest = Path(self.options.save) / "latest" if self.options.save else None
-        if latest is not None and latest.exists():
-            return str(latest.parent / latest.read_text().strip())
-        return str(self.resumed_from) if self.resumed_from else "none (no checkpoint was saved)"
+        tag = self.last_good_tag()
+        return str(tag) if tag else "none (no checkpoint was saved)"
 
     def save(self) -> None:
         """Checkpoint under a temporary tag, then commit it as the latest (see `checkpointing`).
@@ -264,6 +294,22 @@ class Trainer:
     def load(self, tag: Path) -> None:
         """Resume from a tag directory that `check_resumable` accepted."""
         client = read_client_state(tag)
+        self._load_engine(tag, client)
+        self.val_bpb = client.get("val_bpb")
+        self.skipped_steps = client.get("skipped_steps", 0)
+        self.rollbacks = client.get("rollbacks", 0)
+        self.spikes = SpikeDetector(self.cfg.train.spike_window, self.cfg.train.spike_sigma,
+                                    client.get("recent_losses", ()))
+        change = mixture_change(checkpointing.saved_mixture(client), self.mixture)
+        if change is None:
+            if self.train_data is not None:
+                self.train_data.load_state_dict(client["data"])
+        elif self.world.rank == 0:  # --allow-data-change: check_resumable refused it otherwise
+            print(f"--allow-data-change: the data differs from the checkpoint's ({change}); "
+                  f"it starts from the beginning of its own order", flush=True)
+
+    def _load_engine(self, tag: Path, client: dict[str, Any]) -> None:
+        """The model, optimizer, LR schedule, step count and RNG state of `tag`."""
         saved = client["layout"]
         # DeepSpeed's own files fit only the layout and stage boundaries they were saved at
         # (checkpoints from before the boundaries were recorded are resharded)
@@ -280,17 +326,6 @@ class Trainer:
         # ZeRO's elastic and our resharded loads restore the schedule but not the groups' learning rates
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-        self.val_bpb = client.get("val_bpb")
-        self.skipped_steps = client.get("skipped_steps", 0)
-        self.spikes = SpikeDetector(self.cfg.train.spike_window, self.cfg.train.spike_sigma,
-                                    client.get("recent_losses", ()))
-        change = mixture_change(checkpointing.saved_mixture(client), self.mixture)
-        if change is None:
-            if self.train_data is not None:
-                self.train_data.load_state_dict(client["data"])
-        elif self.world.rank == 0:  # --allow-data-change: check_resumable refused it otherwise
-            print(f"--allow-data-change: the data differs from the checkpoint's ({change}); "
-                  f"it starts from the beginning of its own order", flush=True)
 
     def _load_same_layout(self, tag: Path, same_dp: bool) -> None:
         """DeepSpeed's own load, at any data-parallel size, and this rank's RNG state."""
@@ -313,13 +348,20 @@ class Trainer:
         """One optimizer step over a global batch; its metrics."""
         engine = self.engine
         lr = engine.get_lr()[0]
-        undo = inject_fault(engine, self.planned_faults[engine.global_steps + 1]) \
+        # once: a rolled-back run comes to that step number again
+        undo = inject_fault(engine, self.planned_faults.pop(engine.global_steps + 1)) \
             if engine.global_steps + 1 in self.planned_faults else None
+        threshold = self.spikes.threshold() if self.cfg.train.spike_window else None
+        self.guard.threshold = threshold
         start = time.perf_counter()
         loss = engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - start
         if undo is not None:
             undo()
+        corrupt, spike, shards_met = self.guard.outcome()
+        if corrupt:  # data.on_corrupt: error; the update was vetoed on every rank
+            error = self.guard.corrupt
+            on_every_rank("training data", lambda: self._raise(error), CorruptData)
         bytes_per_s = engine.train_batch_size() * self.cfg.model.seq_len / seconds
         record = {"step": engine.global_steps, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr,
                   "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds,
@@ -328,24 +370,68 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         # DeepSpeed's optimizer skips the update when the gradient norm is NaN / Inf (which a
-        # non-finite loss makes it), deciding it by one all-reduce over every rank
+        # non-finite loss makes it, and the guard's veto of a spike), deciding it alike on every rank
+        if self.cfg.train.spike_window and self.spikes.is_spike(loss, spike if self.guard.veto_spikes else None):
+            record["loss_spike"] = True
+            if self.world.rank == 0:
+                print(f"warning: step {record['step']}: loss spike, {loss:.4f} above {threshold:.4f} (mean + "
+                      f"{self.cfg.train.spike_sigma:g} sigma of the last {self.cfg.train.spike_window} steps); "
+                      f"train.spike_policy {self.cfg.train.spike_policy}", flush=True)
         if engine.was_step_applied():
             self.skipped_in_a_row = 0
         else:
             self.skipped_steps += 1
             self.skipped_in_a_row += 1
-            record["skipped"] = "non-finite loss" if not np.isfinite(loss) else "non-finite gradient norm"
+            record["skipped"] = ("loss spike" if spike else "non-finite loss" if not np.isfinite(loss)
+                                 else "non-finite gradient norm")
         record["skipped_steps"] = self.skipped_steps
-        threshold = self.spikes.threshold()
-        if self.cfg.train.spike_window and self.spikes.is_spike(loss):
-            record["loss_spike"] = True
-            if self.world.rank == 0:
-                print(f"warning: step {record['step']}: loss spike, {loss:.4f} above {threshold:.4f} (mean + "
-                      f"{self.cfg.train.spike_sigma:g} sigma of the last {self.cfg.train.spike_window} steps)",
-                      flush=True)
+        if shards_met != self.shards_met:  # data.on_corrupt: skip, and some rank met a new corrupt shard
+            self.shards_met = shards_met
+            self._report_corrupt_shards(record["step"])
+        if self.corrupt_shards:
+            record["corrupt_shards"] = len(self.corrupt_shards)
+        if spike and self.cfg.train.spike_policy == "rollback" and (tag := self.roll_back(record["step"])):
+            record["rolled_back_to"] = tag
         if self.metrics:  # rank 0, which reads data (pipeline stage 0)
             record["source_bytes"] = self._source_bytes()
         return record
+
+    @staticmethod
+    def _raise(error: Exception | None) -> None:
+        if error is not None:
+            raise error
+
+    def _corrupt_shards_met(self) -> int:
+        """Corrupt shards whose windows this rank's data has replaced so far (data.on_corrupt: skip)."""
+        return len(self.train_data.corrupt_shards()) if self.train_data is not None else 0
+
+    def _report_corrupt_shards(self, step: int) -> None:
+        """Rank 0 names each corrupt shard once, whichever ranks met it."""
+        met = [None] * self.world.size
+        dist.all_gather_object(met, self.train_data.corrupt_shards() if self.train_data is not None else {})
+        new = {path: why for shards in met for path, why in shards.items() if path not in self.corrupt_shards}
+        self.corrupt_shards.update(new)
+        if self.world.rank == 0:
+            for path, why in sorted(new.items()):
+                print(f"warning: step {step}: data.on_corrupt skip: the windows that touch corrupt shard "
+                      f"{path} are replaced by others of their shuffle group ({why})", flush=True)
+
+    def roll_back(self, step: int) -> str | None:
+        """train.spike_policy rollback: the model and optimizer of the last checkpoint, the data
+        where it is now (after the spike's batch: the span since that checkpoint is skipped, as
+        PaLM did). Without a checkpoint the spike's update is only skipped."""
+        tag = self.last_good_tag()
+        if tag is None:
+            if self.world.rank == 0:
+                print(f"warning: step {step}: no checkpoint to roll back to; the spike's update is skipped",
+                      flush=True)
+            return None
+        on_every_rank(f"rolling back to {tag}", lambda: self._load_engine(tag, read_client_state(tag)))
+        self.rollbacks += 1
+        if self.world.rank == 0:
+            print(f"warning: step {step}: rolled back to {tag}; training goes on from step "
+                  f"{self.engine.global_steps + 1} on the data after the spike's batch", flush=True)
+        return tag.name
 
     def _source_bytes(self) -> dict[str, int]:
         """Bytes of the last step drawn from each source."""
@@ -372,16 +458,17 @@ class Trainer:
         while self.engine.global_steps < t.train_steps:
             record = self.train_step()
             step = record["step"]
-            if t.eval_interval and step % t.eval_interval == 0:
+            rolled_back = "rolled_back_to" in record  # the engine is at that checkpoint's step again
+            if t.eval_interval and step % t.eval_interval == 0 and not rolled_back:
                 record.update(self.evaluate())
                 self.val_bpb = record["val_bpb"]  # the model card's, when exported
             if self.metrics:
                 self.metrics.write(record)
             if self.skipped_in_a_row >= t.max_skipped_steps:
                 raise NonFiniteError(f"{self.skipped_in_a_row} optimizer steps in a row (train.max_skipped_steps) "
-                                     f"had a non-finite loss or gradient norm, up to step {step}; the last "
-                                     f"good checkpoint is {self.last_good_checkpoint()}")
-            if save and t.save_interval and step % t.save_interval == 0:
+                                     f"were skipped for a non-finite loss or gradient norm or a loss spike, up "
+                                     f"to step {step}; the last good checkpoint is {self.last_good_checkpoint()}")
+            if save and t.save_interval and step % t.save_interval == 0 and not rolled_back:
                 self.save()
                 saved = step
             if self.stop.agreed():

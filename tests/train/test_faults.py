@@ -33,6 +33,9 @@ def pretrain(tmp_path: Path, shards: Path, ranks: int, name: str, *options: str)
     return job, {record["step"]: record for record in steps}
 
 
+SPIKES = ("--set", "train.spike_window=2", "--set", "train.spike_sigma=3")  # flags the 50-fold loss
+
+
 def verify(ckpt: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megatrain.checkpoint", "verify", str(ckpt)], cwd=REPO,
                           capture_output=True, text=True)
@@ -111,14 +114,16 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
-def test_a_loss_spike_is_flagged_and_a_full_disk_fails_the_save_on_every_rank(tiny_shards, cpu_comm,
+def test_a_loss_spike_is_skipped_and_a_full_disk_fails_the_save_on_every_rank(tiny_shards, cpu_comm,
                                                                              tmp_path, tiny_disk, monkeypatch):
     ckpt = tiny_disk / "ckpt"
-    monkeypatch.setenv(INJECT_FAULT, "spike@3@1")
+    monkeypatch.setenv(INJECT_FAULT, "spike@3@1")  # rank 1's loss: the data-parallel mean spikes on both
     job, steps = pretrain(tmp_path, tiny_shards, 2, "full", "--train-steps", "6", "--save", str(ckpt),
-                          "--save-interval", "2", "--set", "train.spike_window=2", "--set", "train.spike_sigma=3")
+                          "--save-interval", "2", *SPIKES, "--set", "train.spike_policy=skip")
     assert [s for s in steps if steps[s].get("loss_spike")] == [3]
     assert job.output.count("warning: step 3: loss spike") == 1  # rank 0 says it
+    assert steps[3]["skipped"] == "loss spike" and steps[4]["skipped_steps"] == 1
+    assert steps[4]["lr"] == steps[3]["lr"] != steps[2]["lr"]  # not applied: the schedule waits
     assert job.rank_codes == [EXIT_SAVE_FAILED] * 2, job.output[-3000:]
     assert sorted(steps) == [1, 2, 3, 4]
     assert job.output.count("No space left on device") >= 2  # every rank says why
@@ -127,11 +132,50 @@ def test_a_loss_spike_is_flagged_and_a_full_disk_fails_the_save_on_every_rank(ti
     assert not list(ckpt.glob(".partial-*")) and verify(ckpt).returncode == 0
 
 
-def test_a_corrupt_shard_stops_the_run_naming_it(tiny_shards, cpu_comm, tmp_path):
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_the_data_goes_on(tiny_shards, cpu_comm, tmp_path,
+                                                                            monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv(INJECT_FAULT, "spike@5@1")  # the last stage's loss; stage 0 learns of it
+    rollback = (*SPIKES, "--set", "train.spike_policy=rollback", "--set", "train.precision=bf16")  # dp=2: fp32
+    job, _ = pretrain(tmp_path, tiny_shards, 2, "rollback", "--pp", "2", "--train-steps", "7", "--save", str(ckpt),
+                      "--save-interval", "2", *rollback)
+    monkeypatch.delenv(INJECT_FAULT)
+    assert job.rank_codes == [0, 0], job.output[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "rollback" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5, 6, 7]
+    spike, after = records[4], records[5]
+    assert spike["loss_spike"] and spike["skipped"] == "loss spike" and spike["rolled_back_to"] == "global_step4"
+    assert job.output.count(f"rolled back to {ckpt / 'global_step4'}") == 1
+    assert after["lr"] == spike["lr"] and "skipped" not in after  # step 5 again, from global_step4's state
+    # on the next batch: the spiked one at the same weights would give the spike's loss / 50
+    assert after["loss"] != pytest.approx(spike["loss"] / 50, rel=1e-3)
+    assert after["skipped_steps"] == 1 and (ckpt / "latest").read_text() == "global_step7"
+    # the data position saved after the rollback resumes exactly
+    job, resumed = pretrain(tmp_path, tiny_shards, 2, "resumed", "--pp", "2", "--train-steps", "7",
+                            "--load", str(ckpt / "global_step6"), *rollback)
+    assert job.returncode == 0, job.output[-3000:]
+    assert resumed[7]["loss"] == records[-1]["loss"]
+
+
+def test_a_corrupt_shard_stops_every_rank_or_is_skipped_alike(cpu_comm, tmp_path):
     shards = tmp_path / "shards"
-    shutil.copytree(tiny_shards, shards)
-    shard = shards / "train-00000.arrow"
+    stdlib = Path(json.__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "data_prep.build_shards", *map(str, sorted((stdlib / "email").glob("*.py"))),
+                    "--output", str(shards), "--shard-bytes", "100000", "--val-fraction", "0.1"],
+                   cwd=REPO, check=True, capture_output=True)
+    shard = shards / "train-00001.arrow"
     os.truncate(shard, shard.stat().st_size * 3 // 5)  # the manifest is left as it was
-    job, steps = pretrain(tmp_path, shards, 2, "corrupt", "--train-steps", "4", "--set", "data.on_corrupt=error")
-    assert job.rank_codes == [EXIT_CORRUPT_DATA] * 2, job.output[-3000:]
-    assert job.output.count(f"error: corrupt shard {shard}") == 2 and not steps
+    # pipeline stage 1 of 3 reads no data: it stops too, instead of waiting for activations
+    job, steps = pretrain(tmp_path, shards, 3, "corrupt", "--pp", "3", "--train-steps", "4",
+                          "--set", "data.on_corrupt=error")
+    assert job.rank_codes == [EXIT_CORRUPT_DATA] * 3, job.output[-3000:]
+    assert job.output.count(f"error: training data: corrupt shard {shard}") == 3 and not steps
+
+    job, steps = pretrain(tmp_path, shards, 2, "skipped", "--train-steps", "4", "--save", str(tmp_path / "ckpt"),
+                          "--save-interval", "2", "--set", "data.on_corrupt=skip")
+    assert job.returncode == 0, job.output[-3000:]
+    assert job.output.count(f"data.on_corrupt skip: the windows that touch corrupt shard {shard}") == 1
+    assert [steps[s].get("corrupt_shards") for s in (1, 4)] == [1, 1]  # met by step 1
+    job, resumed = pretrain(tmp_path, shards, 2, "resumed", "--train-steps", "4", "--load", str(tmp_path / "ckpt" / "global_step2"),
+                            "--set", "data.on_corrupt=skip")
+    assert [resumed[s]["loss"] for s in (3, 4)] == [steps[s]["loss"] for s in (3, 4)]
