@@ -28,6 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -249,3 +250,17 @@ def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, tim
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         output, code = proc.communicate()[0], 124
     return Job(code, output, time.monotonic() - start, port=port)
+
+
+@contextlib.contextmanager
+def tmpfs(under: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "3m") mounted at under/disk for the block (root only: skips otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = under / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from megatrain.checkpoint import commit, damaged_files, partial_tag
+
+from ..distributed import tmpfs
 
 
 def write_partial(save_dir: Path, step: int) -> None:
@@ -19,16 +20,8 @@ def write_partial(save_dir: Path, step: int) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
-    """A 1 MB tmpfs."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path, "1m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_failed_write_of_latest_keeps_the_old_one_and_leaves_no_temporary_file(tiny_disk):

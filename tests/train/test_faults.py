@@ -17,7 +17,7 @@ import pytest
 from megatrain.train.faults import (EXIT_CORRUPT_DATA, EXIT_DAMAGED_CHECKPOINT, EXIT_NON_FINITE, EXIT_SAVE_FAILED,
                                     INJECT_FAULT)
 
-from ..distributed import REPO, launch
+from ..distributed import REPO, launch, tmpfs
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 
@@ -103,15 +103,8 @@ def test_a_non_finite_state_is_never_saved_in_a_pipeline_and_tensor_parallel_run
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 3 MB tmpfs: room for one checkpoint of the tiny model (2.3 MB) and not for two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path, "3m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_loss_spike_is_skipped_and_a_full_disk_fails_the_save_on_every_rank(tiny_shards, cpu_comm,
