@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from megatrain.data.format import CorruptShardError
 from megatrain.config import ConfigError, config_to_dict, load_config
 from megatrain.model import GlobalEmbedding, Head, StageInput
 from megatrain.parallel import Layout, plan_layout, reference_model
@@ -88,8 +90,25 @@ def test_adamw_is_not_fused_on_cpu():
 def test_batches_travel_as_bytes_and_are_widened_on_the_device():
     """uint8 from the loader; int64 on arrival (embeddings index with it), the same bytes."""
     x = torch.tensor([[0, 7, 255]], dtype=torch.uint8)
-    (inputs, targets), = as_batches(iter([x]), torch.device("cpu"))
+    guard = SimpleNamespace(corrupt=None)  # the one field of the step guard the batches set
+    (inputs, targets), = as_batches(iter([x]), (1, 3), torch.device("cpu"), guard)
     assert inputs is targets and inputs.dtype == torch.int64 and inputs.tolist() == [[0, 7, 255]]
+    assert guard.corrupt is None
+
+
+def test_a_corrupt_shard_gives_zeros_of_the_batch_shape_and_is_reported_to_the_guard():
+    """The rank goes on through the step (the others wait for its activations); the guard vetoes it."""
+    def micro_batches():
+        yield torch.full((2, 4), 9, dtype=torch.uint8)
+        raise CorruptShardError("train-00001.arrow", "truncated")
+
+    guard = SimpleNamespace(corrupt=None)
+    batches = as_batches(micro_batches(), (2, 4), torch.device("cpu"), guard)
+    first, _ = next(batches)
+    assert first.tolist() == [[9] * 4] * 2 and guard.corrupt is None
+    second, _ = next(batches)
+    assert second.tolist() == [[0] * 4] * 2 and second.dtype == torch.int64
+    assert guard.corrupt.path == "train-00001.arrow"
 
 
 def test_weight_decay_only_on_matrices():
