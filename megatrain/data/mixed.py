@@ -178,13 +178,19 @@ class _MixedReader:
             by_offset = np.argsort(windows, kind="stable")  # ascending reads decode each record batch once
             out = np.empty((len(slots), self.seq_len), np.uint8)
             failed = stream.read_windows(windows[by_offset], self.seq_len, out)
-            if failed.any():  # on_corrupt="skip": stand-ins from the same source keep the batch's shape
-                good, bad = np.flatnonzero(~failed), np.flatnonzero(failed)
-                if not len(good):
-                    raise RuntimeError(f"no readable window of source {source} in samples [{start}, {stop})")
-                out[bad] = out[good[np.arange(len(bad)) % len(good)]]
+            for row in np.flatnonzero(failed):  # on_corrupt="skip": stand-ins keep the batch's shape
+                self._read_stand_in(source, picks[slots[by_offset[row]]][1], out[row])
             rows[slots[by_offset]] = out
         return rows
+
+    def _read_stand_in(self, source: int, index: int, row: np.ndarray) -> None:
+        """Read into `row` the source's first readable sample after its sample `index`: a choice
+        that depends on the files alone, so that every layout and resumed run makes it alike."""
+        for k in range(index + 1, index + 1 + self.orders[source].num_samples):
+            if not self.streams[source].read_windows(np.array([self.window(source, k)]), self.seq_len,
+                                                     row[None]).any():
+                return
+        raise RuntimeError(f"no readable window in source {source}")
 
     def micro_batches(self, position: int) -> Iterator[tuple[torch.Tensor, int | None]]:
         """(micro-batch, global index after its step, on a step's last micro-batch only)."""

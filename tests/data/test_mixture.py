@@ -126,6 +126,47 @@ def test_a_restored_state_continues_the_order_at_another_dp_size(two_sources):
         other.load_state_dict(state)
 
 
+def test_a_corrupt_shard_is_replaced_alike_at_any_dp_size_and_on_resume(two_sources, tmp_path):
+    """on_corrupt="skip": a window of a truncated shard is replaced by the next readable
+    sample of its source, a choice of the files alone; every data-parallel size, and a run
+    resumed mid-way, trains on the same bytes."""
+    paths = {name: tmp_path / name for name in two_sources}
+    for name, path in two_sources.items():
+        shutil.copytree(path, paths[name])
+    shard = sorted(paths["big"].glob("train-*.arrow"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    mix = sources(paths, {"big": 0.7, "small": 0.3})
+    steps, batch = 10, 8
+
+    def stream(dp_rank: int = 0, dp_size: int = 1) -> MixedStream:
+        return MixedStream(mix, "train", SEQ, global_batch_size=batch, micro_batch_size=2, dp_rank=dp_rank,
+                           dp_size=dp_size, seed=3, on_corrupt="skip")
+
+    def blended(dp: int, state: dict | None = None) -> list[np.ndarray]:
+        ranks = [stream(r, dp) for r in range(dp)]
+        for s in ranks:
+            if state:
+                s.load_state_dict(state)
+        per_rank = [take_steps(s, steps - (state["samples_consumed"] // batch if state else 0)) for s in ranks]
+        assert {path for s in ranks for path in s.corrupt_shards()} == {str(shard)}
+        for s in ranks:
+            s.close()
+        return [np.concatenate([rank[step] for rank in per_rank]) for step in range(len(per_rank[0]))]
+
+    one = blended(1)
+    clean = sources(two_sources, {"big": 0.7, "small": 0.3})
+    with MixedStream(clean, "train", SEQ, global_batch_size=batch, micro_batch_size=2, seed=3) as whole:
+        replaced = sum(not np.array_equal(a, b) for a, b in zip(np.concatenate(one), np.concatenate(
+            take_steps(whole, steps))))
+    assert replaced > 0, "no sample of the truncated shard in these steps"
+    for dp in (2, 4):
+        assert all(np.array_equal(a, b) for a, b in zip(one, blended(dp))), dp
+    with stream() as first:
+        take_steps(first, 4)
+        state = first.state_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(one[4:], blended(2, state)))
+
+
 def test_bad_sources_are_named(two_sources, tmp_path):
     big, small = str(two_sources["big"]), str(two_sources["small"])
     copy = tmp_path / "copy"
