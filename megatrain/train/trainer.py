@@ -149,7 +149,7 @@ class Trainer:
         reduce_the_gradient_norm_alike_on_every_stage(self.engine.optimizer)
         t = cfg.train
         self.guard = StepGuard(self.engine, veto_spikes=t.spike_policy != "log" and t.spike_window > 0,
-                               shards_met=self._corrupt_shards_met)
+                               shards_met=lambda: len(self._rank_corrupt_shards()))
         self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
         # rank 0 copies DeepSpeed's recovery scripts into --save with each save, past its engine
         copy_scripts = self.engine._copy_recovery_script
@@ -157,7 +157,7 @@ class Trainer:
         # the trainer reports corrupt shards once, from rank 0 (`_report_corrupt_shards`), not every rank
         logging.getLogger("megatrain.data.stream").setLevel(logging.ERROR)
         self.corrupt_shards: set[str] = set()
-        self.shards_met = 0  # corrupt shards met by any rank's data, summed over ranks (the guard's count)
+        self.corrupt_shard_sum = 0  # the guard's last count: corrupt shards met, summed over ranks
         self.batches = None if self.train_data is None else as_batches(
             self.train_data, (t.micro_batch_size, cfg.model.seq_len), self.engine.device, self.guard)
         self.metrics = on_every_rank("--metrics", self._open_metrics)
@@ -360,8 +360,10 @@ class Trainer:
             undo()
         corrupt, spike, shards_met = self.guard.outcome()
         if corrupt:  # data.on_corrupt: error; the update was vetoed on every rank
-            error = self.guard.corrupt
-            on_every_rank("training data", lambda: self._raise(error), CorruptData)
+            def fail_where_met() -> None:
+                if self.guard.corrupt is not None:
+                    raise self.guard.corrupt
+            on_every_rank("training data", fail_where_met, CorruptData)
         bytes_per_s = engine.train_batch_size() * self.cfg.model.seq_len / seconds
         record = {"step": engine.global_steps, "loss": loss, "bpb": bits_per_byte(loss), "lr": lr,
                   "bytes_per_s": bytes_per_s, "samples": engine.global_samples, "step_s": seconds,
@@ -385,8 +387,8 @@ class Trainer:
             record["skipped"] = ("loss spike" if spike else "non-finite loss" if not np.isfinite(loss)
                                  else "non-finite gradient norm")
         record["skipped_steps"] = self.skipped_steps
-        if shards_met != self.shards_met:  # data.on_corrupt: skip, and some rank met a new corrupt shard
-            self.shards_met = shards_met
+        if shards_met != self.corrupt_shard_sum:  # data.on_corrupt: skip, and some rank met a new corrupt shard
+            self.corrupt_shard_sum = shards_met
             self._report_corrupt_shards(record["step"])
         if self.corrupt_shards:
             record["corrupt_shards"] = len(self.corrupt_shards)
@@ -396,25 +398,21 @@ class Trainer:
             record["source_bytes"] = self._source_bytes()
         return record
 
-    @staticmethod
-    def _raise(error: Exception | None) -> None:
-        if error is not None:
-            raise error
-
-    def _corrupt_shards_met(self) -> int:
-        """Corrupt shards whose windows this rank's data has replaced so far (data.on_corrupt: skip)."""
-        return len(self.train_data.corrupt_shards()) if self.train_data is not None else 0
+    def _rank_corrupt_shards(self) -> dict[str, str]:
+        """The corrupt shards (path: why) whose windows this rank's data has replaced so far
+        (data.on_corrupt: skip); none on a stage that reads no data."""
+        return self.train_data.corrupt_shards() if self.train_data is not None else {}
 
     def _report_corrupt_shards(self, step: int) -> None:
         """Rank 0 names each corrupt shard once, whichever ranks met it."""
         met = [None] * self.world.size
-        dist.all_gather_object(met, self.train_data.corrupt_shards() if self.train_data is not None else {})
+        dist.all_gather_object(met, self._rank_corrupt_shards())
         new = {path: why for shards in met for path, why in shards.items() if path not in self.corrupt_shards}
         self.corrupt_shards.update(new)
         if self.world.rank == 0:
             for path, why in sorted(new.items()):
                 print(f"warning: step {step}: data.on_corrupt skip: the windows that touch corrupt shard "
-                      f"{path} are replaced by others of their shuffle group ({why})", flush=True)
+                      f"{path} are replaced by readable ones ({why})", flush=True)
 
     def roll_back(self, step: int) -> str | None:
         """train.spike_policy rollback: the model and optimizer of the last checkpoint, the data
