@@ -171,16 +171,16 @@ def _base_env(nprocs: int, port: int) -> dict[str, str]:
     return {**env, **CPU_ENV, "OMP_NUM_THREADS": THREADS, "MASTER_PORT": str(port)}
 
 
-def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path,
-                port: int | None = None) -> list[subprocess.Popen]:
-    """Start `pretrain.py args` as `nprocs` rank processes with `srun`'s ("slurm-env") or torchrun's
-    ("torchrun-env") environment."""
+def start_ranks(launcher: str, nprocs: int, args: list[str], log_dir: Path, port: int | None = None,
+                program: tuple[str, ...] = (str(PRETRAIN),)) -> list[subprocess.Popen]:
+    """Start `pretrain.py args` (or another program) as `nprocs` rank processes with `srun`'s
+    ("slurm-env") or torchrun's ("torchrun-env") environment."""
     port = port or free_port()
     procs = []
     for rank in range(nprocs):
         env = {**_base_env(nprocs, port), **_rank_env(launcher, rank, nprocs, port)}
         log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-u", str(PRETRAIN), *args], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-u", *program, *args], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return procs
@@ -238,8 +238,7 @@ def start_launcher(launcher: str, nprocs: int, command: list[str], port: int) ->
 def _launch_once(launcher: str, nprocs: int, args: list[str], log_dir: Path, timeout: float,
                  program: tuple[str, ...], port: int) -> Job:
     if launcher in ("slurm-env", "torchrun-env"):
-        assert program == (str(PRETRAIN),), "start_ranks runs launch/pretrain.py"
-        job = wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port), log_dir, timeout)
+        job = wait_ranks(start_ranks(launcher, nprocs, args, log_dir, port, program), log_dir, timeout)
         return Job(job.returncode, job.output, job.seconds, job.rank_codes, port)
     start = time.monotonic()
     proc = start_launcher(launcher, nprocs, [*program, *args], port)

@@ -52,19 +52,26 @@ def test_export_gives_the_parallel_models_validation_bits_per_byte(parallel_run,
     direct.load_state_dict(exported, strict=True)
 
 
-@pytest.mark.parametrize("mode", [[], ["--strided"], ["--sliding", "128"]], ids=["plain", "strided", "sliding"])
+# (launcher, ranks, how it names the module, options): the plain scoring on pp=2 x dp=2 under the
+# deepspeed launcher, the other two on the pipeline alone (2 ranks; a launch of 4 is some 10 s)
+EVALUATIONS = {"plain": ("deepspeed", 4, "--module", []), "strided": ("torchrun-env", 2, "-m", ["--strided"]),
+               "sliding": ("torchrun-env", 2, "-m", ["--sliding", "128"])}
+
+
+@pytest.mark.parametrize("mode", EVALUATIONS)
 def test_parallel_evaluation_equals_the_reference_models(parallel_run, tiny_shards, mode):
-    """The checkpoint run as pp=2 x dp=2 under the deepspeed launcher, and on one process."""
-    evaluate = ["--load", str(parallel_run / "ckpt"), "--data", str(tiny_shards), "--max-bytes", str(VAL_BYTES), *mode]
-    parallel = launch("deepspeed", 4, [*evaluate, "--pp", "2", "--batch-size", "2"],
-                      parallel_run / "eval" / "-".join(mode or ["plain"]), program=("--module", "megatrain.evaluate"))
+    """The checkpoint run as a pipeline of 2 stages, and the exported model on this process."""
+    launcher, ranks, module, options = EVALUATIONS[mode]
+    evaluate = ["--load", str(parallel_run / "ckpt"), "--data", str(tiny_shards), "--max-bytes", str(VAL_BYTES),
+                *options, "--pp", "2", "--batch-size", "2"]
+    logs = parallel_run / "eval" / mode
+    logs.mkdir(parents=True)
+    parallel = launch(launcher, ranks, evaluate, logs, program=(module, "megatrain.evaluate"))
     assert parallel.returncode == 0, parallel.output[-5000:]
-    single = subprocess.run([sys.executable, "-m", "megatrain.evaluate", *evaluate], capture_output=True, text=True,
-                            timeout=120)
-    assert single.returncode == 0, single.stderr
     # the launcher's own log lines may follow rank 0's JSON line
     got = json.loads([line for line in parallel.output.splitlines() if line.startswith('{"bpb"')][-1])
-    expected = json.loads(single.stdout.strip().splitlines()[-1])
+    expected = bits_per_byte(load_model(parallel_run / "ckpt"), read_split(tiny_shards, "val", VAL_BYTES), SEQ, 8,
+                             strided=mode == "strided", sliding=128 if mode == "sliding" else None)
     assert got["bytes"] == expected["bytes"] == VAL_BYTES
     assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
 

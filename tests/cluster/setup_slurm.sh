@@ -35,8 +35,10 @@ SlurmdUser=root
 SlurmctldPort=16817
 SlurmdPort=16818
 AuthType=auth/munge
-# A requeued job waits cred_expire (default 120 s) before it may start again.
+# A requeued job waits cred_expire (default 120 s) before it may start again, and then for
+# the main scheduler's next pass over the pending jobs (every 60 s by default).
 AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=1
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/slurmctld.pid

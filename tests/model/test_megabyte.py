@@ -139,10 +139,11 @@ def test_text_1b_config_size():
 def test_tiny_model_overfits_2kb_sequence():
     text = Path(textwrap.__file__).read_bytes()[:2048]
     x = torch.tensor(list(text)).unsqueeze(0)
-    cfg = MegabyteConfig(seq_len=2048, patch_size=8, global_dim=256, global_layers=2, global_heads=4,
+    cfg = MegabyteConfig(seq_len=2048, patch_size=8, global_dim=128, global_layers=2, global_heads=4,
                          local_dim=64, local_layers=2, local_heads=4, dropout=0.0, init_std=0.02)
-    bits = fit(model_for(cfg), x, max_steps=600, stop_below=0.5 * math.log(2)) / math.log(2)
-    assert bits < 0.5, f"stuck at {bits:.3f} bits per byte after 600 steps"
+    # it takes some 110 steps; Adam's lr above about 2e-3 makes the loss spike on the way
+    bits = fit(model_for(cfg), x, max_steps=400, stop_below=0.5 * math.log(2), lr=1e-3) / math.log(2)
+    assert bits < 0.5, f"stuck at {bits:.3f} bits per byte after 400 steps"
 
 
 def test_layers_are_flat_and_ordered():

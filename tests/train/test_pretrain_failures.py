@@ -33,7 +33,7 @@ def test_setup_errors_exit_nonzero_on_every_rank_with_the_reason(tiny_shards, cp
 @pytest.mark.parametrize("how, options", [
     (signal.SIGKILL, []),  # peers see the broken connections
     # only the collective timeout can tell; it also bounds how far apart the 4 ranks may start
-    (signal.SIGSTOP, ["--set", "parallel.timeout_s=30"]),
+    (signal.SIGSTOP, ["--set", "parallel.timeout_s=15"]),
 ], ids=["killed", "hung"])
 def test_a_lost_rank_brings_every_rank_down(tiny_shards, cpu_comm, tmp_path, how, options):
     metrics = tmp_path / "metrics.jsonl"
