@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.utils import combine_grad_norm_groups
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -62,8 +61,10 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return optimizer
 
 
-def reduce_the_gradient_norm_alike_on_every_stage(optimizer: object) -> None:
-    """Make DeepSpeed's gradient norm run the same collectives on every pipeline stage.
+def guard_the_gradient_norm(optimizer: object, veto: torch.Tensor) -> None:
+    """Make DeepSpeed's gradient norm run the same collectives on every pipeline stage, and
+    come out infinite while `veto` (a device flag, alike on every rank) is set, so that the
+    optimizer skips the update as it skips a non-finite one (the step guard's veto).
 
     The pipeline cuts anywhere, so a stage may hold no weight matrix (the Head with its
     copy of the tied embedding) and DeepSpeed drops its empty param group; yet ZeRO-1
@@ -71,54 +72,28 @@ def reduce_the_gradient_norm_alike_on_every_stage(optimizer: object) -> None:
     forever for the stage with fewer groups. Here it sums every group's squares in one
     reduction, the same total. The bf16 optimizer reduces once already, but stacks each
     rank's own norms: on a stage holding only replicated layers (the local model's)
-    tensor-parallel ranks other than 0 count none and fail on an empty stack; their
-    share is zero."""
+    tensor-parallel ranks other than 0 count none and would fail on an empty stack; the
+    veto's one tensor (0, or inf) is always there."""
     if hasattr(optimizer, "get_grads_for_norm"):  # DeepSpeed's bf16 optimizer
-        _count_an_empty_share_as_zero(optimizer)
-    elif hasattr(optimizer, "get_grad_norm_direct") and not optimizer.cpu_offload:  # ZeRO-1
-        _one_norm_reduction_over_all_groups(optimizer)
-
-
-def _count_an_empty_share_as_zero(optimizer: object) -> None:
-    get_grads_for_norm = optimizer.get_grads_for_norm
-
-    def with_a_zero(for_clipping: bool = False):
-        grads = get_grads_for_norm(for_clipping=for_clipping)
-        if for_clipping or grads[0]:
-            return grads
-        return [torch.zeros((), device=get_accelerator().current_device_name())], grads[1]
-
-    optimizer.get_grads_for_norm = with_a_zero
-
-
-def _one_norm_reduction_over_all_groups(optimizer: object) -> None:
-    def scaled_global_norm(norm_type: float = 2):
-        groups = range(len(optimizer.bit16_groups))
-        grads = [g for i in groups for g in optimizer.averaged_gradients[i]]
-        params = [p for i in groups for p in optimizer.params_in_partition[i]]
-        # a non-finite norm comes back as -1, which combining turns into inf, as DeepSpeed's own
-        return combine_grad_norm_groups([optimizer.get_grad_norm_direct(grads, params, norm_type)], norm_type)
-
-    optimizer.scaled_global_norm = scaled_global_norm
-
-
-def veto_updates(optimizer: object, veto: torch.Tensor) -> None:
-    """Make DeepSpeed's gradient norm infinite while `veto` (a device flag, alike on every
-    rank) is set, so that its optimizer skips the update as it skips a non-finite one."""
-    if hasattr(optimizer, "get_grads_for_norm"):  # bf16: one more tensor in the norm
         get_grads_for_norm = optimizer.get_grads_for_norm
 
         def with_the_veto(for_clipping: bool = False):
             grads = get_grads_for_norm(for_clipping=for_clipping)
             if for_clipping:  # the tensors to clip, not those of the norm
                 return grads
-            return [*grads[0], torch.where(veto, torch.inf, 0.0)], grads[1]
+            non_expert, expert = grads
+            return [*non_expert, torch.where(veto, torch.inf, 0.0)], expert
 
         optimizer.get_grads_for_norm = with_the_veto
-    else:  # ZeRO-1
-        scaled_global_norm = optimizer.scaled_global_norm
+    elif hasattr(optimizer, "get_grad_norm_direct"):  # ZeRO-1 (megatrain offloads nothing)
+        def scaled_global_norm(norm_type: float = 2) -> torch.Tensor:
+            groups = range(len(optimizer.bit16_groups))
+            grads = [g for i in groups for g in optimizer.averaged_gradients[i]]
+            params = [p for i in groups for p in optimizer.params_in_partition[i]]
+            # a non-finite norm comes back as -1, which combining turns into inf, as DeepSpeed's own
+            norm = combine_grad_norm_groups([optimizer.get_grad_norm_direct(grads, params, norm_type)], norm_type)
+            return torch.where(veto, torch.inf, norm)
 
-        def vetoed_norm(norm_type: float = 2):
-            return torch.where(veto, torch.inf, scaled_global_norm(norm_type))
-
-        optimizer.scaled_global_norm = vetoed_norm
+        optimizer.scaled_global_norm = scaled_global_norm
+    else:
+        raise TypeError(f"megatrain cannot guard the gradient norm of DeepSpeed's {type(optimizer).__name__}")

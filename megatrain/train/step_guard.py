@@ -19,7 +19,7 @@ from deepspeed.runtime.pipe.schedule import OptimizerStep
 
 from megatrain.data.format import CorruptShardError
 
-from .optim import veto_updates
+from .optim import guard_the_gradient_norm
 
 CORRUPT, SPIKE, SHARDS = range(3)  # the flags' slots; those before SHARDS veto the update
 
@@ -36,7 +36,7 @@ class StepGuard:
         self.corrupt: CorruptShardError | None = None  # met by this rank's data (on_corrupt: error)
         self.flags = torch.zeros(3, device=engine.device)
         self.veto = torch.zeros((), dtype=torch.bool, device=engine.device)
-        veto_updates(engine.optimizer, self.veto)
+        guard_the_gradient_norm(engine.optimizer, self.veto)
         optimizer_step = engine._INSTRUCTION_MAP[OptimizerStep]
 
         def guarded_step(engine, **kwargs) -> None:

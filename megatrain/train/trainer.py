@@ -41,7 +41,7 @@ from .faults import (CorruptData, DamagedCheckpoint, NonFiniteError, RunFault, S
                      inject_fault, non_finite_count, planned_faults, training_state)
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
-from .optim import build_optimizer, lr_schedule, reduce_the_gradient_norm_alike_on_every_stage
+from .optim import build_optimizer, lr_schedule
 from .resharding import load_resharded
 from .signals import StopRequest
 from .step_guard import StepGuard
@@ -146,8 +146,8 @@ class Trainer:
             model=model, optimizer=build_optimizer(model, cfg.train),
             lr_scheduler=lr_schedule(cfg.train, cfg.train.train_steps),
             config=deepspeed_config(cfg, self.layout))
-        reduce_the_gradient_norm_alike_on_every_stage(self.engine.optimizer)
         t = cfg.train
+        # it also makes the gradient norm's collectives alike on every stage (optim.guard_the_gradient_norm)
         self.guard = StepGuard(self.engine, veto_spikes=t.spike_policy != "log" and t.spike_window > 0,
                                shards_met=lambda: len(self._rank_corrupt_shards()))
         self.engine.checkpoint_engine = checkpoint_engine = SafeCheckpointEngine()
