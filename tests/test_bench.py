@@ -247,3 +247,14 @@ def test_gpu_check_runs_every_part_on_cpu_and_keeps_each_result(tmp_path, cpu_co
         assert f"{part:18} ok in" in summary
     assert "goal text-1b MFU >= 50% of the measured matmul peak (pretrain-text)" in summary
     assert "gpu_check: 0 part(s) not ok" in summary
+
+
+def test_layer_times_gives_every_layer_and_every_two_stage_cut():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "layer_times.py"), "--config", TINY, "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # after DeepSpeed's own line on the accelerator
+    kinds = [type(m).__name__ for m in Megabyte(load_config(TINY).model).layers]
+    assert [line.split()[1] for line in lines if line.split()[0].isdigit()] == kinds
+    cuts = [line for line in lines if line.startswith("cut before layer")]
+    assert len(cuts) == len(kinds) - 1 and all(line.endswith("x") for line in cuts)
