@@ -284,17 +284,14 @@ class _RankReader:
             self._read_stand_in(plan, group, int(positions[by_offset[row]]) - group_start, rows[row])
         return _Group(plan.epoch, group_start, group_stop, positions, slots, rows, buffer)
 
-
     def _read_stand_in(self, plan: EpochOrder, group: int, index: int, row: np.ndarray) -> None:
         """Read into `row` the first readable window after the group's index-th one (cyclic):
         a choice that depends on the files alone, not on the rank or where the run started,
         so that every layout and every resumed run replaces a corrupt window alike."""
         group_windows = plan.group_windows(group)
-        for k in range(1, len(group_windows)):
-            candidate = group_windows[(index + k) % len(group_windows)]
-            if not self._local.stream.read_windows(np.array([candidate]), self.seq_len, row[None]).any():
-                return
-        raise RuntimeError(f"no readable window in shuffle group {group} of epoch {plan.epoch}")
+        after = (group_windows[(index + k) % len(group_windows)] for k in range(1, len(group_windows)))
+        if not self._local.stream.read_first_readable(after, self.seq_len, row):
+            raise RuntimeError(f"no readable window in shuffle group {group} of epoch {plan.epoch}")
 
 
 def _ordered_map(function: Callable[[Any], Any], items: Iterator[Any], threads: int) -> Iterator[Any]:

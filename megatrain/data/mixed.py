@@ -186,11 +186,9 @@ class _MixedReader:
     def _read_stand_in(self, source: int, index: int, row: np.ndarray) -> None:
         """Read into `row` the source's first readable sample after its sample `index`: a choice
         that depends on the files alone, so that every layout and resumed run makes it alike."""
-        for k in range(index + 1, index + 1 + self.orders[source].num_samples):
-            if not self.streams[source].read_windows(np.array([self.window(source, k)]), self.seq_len,
-                                                     row[None]).any():
-                return
-        raise RuntimeError(f"no readable window in source {source}")
+        after = (self.window(source, k) for k in range(index + 1, index + 1 + self.orders[source].num_samples))
+        if not self.streams[source].read_first_readable(after, self.seq_len, row):
+            raise RuntimeError(f"no readable window in source {source}")
 
     def micro_batches(self, position: int) -> Iterator[tuple[torch.Tensor, int | None]]:
         """(micro-batch, global index after its step, on a step's last micro-batch only)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,11 @@ class SplitStream:
                     log.warning("on_corrupt='skip': replacing the windows that touch %s (%s)", e.path, e)
                 failed[lo:hi] = True
         return failed
+
+    def read_first_readable(self, windows: Iterable[int], seq_len: int, row: np.ndarray) -> bool:
+        """Copy the first window of `windows` that touches no corrupt shard into `row`
+        (on_corrupt="skip": a stand-in); False if none is readable."""
+        return any(not self.read_windows(np.array([w]), seq_len, row[None]).any() for w in windows)
 
 
 def read_split(data_dir: Path | str, split: str, max_bytes: int | None = None, boundary: bytes = b"") -> np.ndarray:
