@@ -166,8 +166,17 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(h)))
 
 
+def residual_branch(h: torch.Tensor, norm: nn.Module, f: nn.Module, drop: nn.Module) -> torch.Tensor:
+    """h + dropout(f(norm(h))): one pre-norm residual branch."""
+    return h + drop(f(norm(h)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (Appendix A); dropout on both residual branches."""
+
+    # Each residual branch's (norm, function) attributes, in order: a pipeline stage may
+    # start between them, at the MLP branch.
+    BRANCHES = {"attention": ("norm1", "attn"), "mlp": ("norm2", "mlp")}
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float, norm_eps: float,
                  cross_patch: int = 0) -> None:
@@ -179,8 +188,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.drop(self.attn(self.norm1(h)))
-        return h + self.drop(self.mlp(self.norm2(h)))
+        h = residual_branch(h, self.norm1, self.attn, self.drop)
+        return residual_branch(h, self.norm2, self.mlp, self.drop)
 
     def step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new position h [B, D] with the unit's cached keys and values (eval mode)."""
