@@ -5,10 +5,11 @@ every two-stage cut of the layer list allows.
 
 The pipeline partition ("flops") balances stages by `megatrain.parallel.layer_costs`; this
 says whether time follows those FLOPs on this device (one thread on CPU), layer by layer,
-for one micro-batch of one sequence of the config. For each cut into two stages it prints
-stage 0's share of the time and the speed-up over one rank that a pipeline of 2 stages
-with 8 micro-batches could reach if nothing but the slower stage and the fill counted:
-2 / (2 x max share x 9 / 8).
+for one micro-batch of one sequence of the config. For each cut into two stages (at whole
+layers) it prints stage 0's share of the time and the speed-up over one rank that a
+pipeline of 2 stages with m = 8 micro-batches could reach if nothing but the work counted:
+the slower stage works m times, the faster one once more while the pipeline fills and
+drains, so m / (m x max share + min share).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from megatrain.config import load_config
 from megatrain.model import Megabyte
-from megatrain.parallel import layer_costs, pipeline_parts
+from megatrain.parallel import layer_costs, pipeline_cut
 
 MICRO_BATCHES = 8
 
@@ -70,12 +71,11 @@ def main() -> None:
         print(f"{i:2d} {type(layer).__name__:15s} FLOPs {f / sum(flops):6.1%}  time {s / sum(seconds):6.1%}"
               f"  {s * 1e3:7.1f} ms")
     print(f"a step of one sequence: {sum(seconds):.3f} s; the flops partition at pp=2: "
-          f"{pipeline_parts(cfg, 'flops', 2)}")
-    fill = (MICRO_BATCHES + 1) / MICRO_BATCHES
+          f"{pipeline_cut(cfg, 'flops', 2)}")
     for cut in range(1, len(seconds)):
         share = sum(seconds[:cut]) / sum(seconds)
-        print(f"cut before layer {cut:2d}: stage 0 {share:6.1%} of the time, pp=2 at most "
-              f"{1 / (max(share, 1 - share) * fill):.2f}x")
+        bound = MICRO_BATCHES / (MICRO_BATCHES * max(share, 1 - share) + min(share, 1 - share))
+        print(f"cut before layer {cut:2d}: stage 0 {share:6.1%} of the time, pp=2 at most {bound:.2f}x")
 
 
 if __name__ == "__main__":

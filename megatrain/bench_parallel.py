@@ -32,7 +32,7 @@ import torch
 
 from megatrain.config import RunConfig
 from megatrain.model import MegabyteConfig, StageBlock, layer_specs
-from megatrain.parallel import first_local_layer, layer_costs, pipeline_parts
+from megatrain.parallel import Piece, first_local_layer, pieces, pipeline_cut
 from megatrain.parallel.pipeline import tensor_parallel_layers
 from megatrain.train.distributed import free_port
 
@@ -68,11 +68,17 @@ class ParallelLayout:
         return cls(**{m[1]: int(m[2]) for m in found})
 
 
-def describe_layers(cfg: MegabyteConfig, layers: range) -> str:
-    """The layers in words, runs of blocks counted: "GlobalEmbedding, 2 global blocks, StageInput"."""
+def describe_pieces(cfg: MegabyteConfig, stage: list[Piece]) -> str:
+    """A stage's layers in words, runs of whole blocks counted: "GlobalEmbedding, 2 global
+    blocks, StageInput, 1 local block, local block attention (layer 5)"."""
     sharded, specs = set(tensor_parallel_layers(cfg)), layer_specs(cfg)
-    kinds = [("global block" if i in sharded else "local block") if specs[i][0] is StageBlock else specs[i][0].__name__
-             for i in layers]
+    kinds = []
+    for layer, group in groupby(stage, key=lambda p: p.layer):
+        branches = [p.branch for p in group]
+        kind = ("global block" if layer in sharded else "local block") if specs[layer][0] is StageBlock \
+            else specs[layer][0].__name__
+        whole = branches == [None] or len(branches) == len(StageBlock.BRANCHES)
+        kinds.append(kind if whole else f"{kind} {branches[0]} (layer {layer})")
     runs = [(kind, len(list(group))) for kind, group in groupby(kinds)]
     return ", ".join(f"{n} {kind}s" if n > 1 else (f"1 {kind}" if kind.endswith("block") else kind) for kind, n in runs)
 
@@ -83,19 +89,18 @@ def stage_lines(run: RunConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
     on its share of the patches); the global blocks' activations are counted whole (an upper
     bound at tp > 1: their norms' inputs are replicated, the rest is split)."""
     cfg = run.model
-    parts = pipeline_parts(cfg, run.parallel.partition_method, layout.pp)
-    costs = layer_costs(cfg)
+    cut = pipeline_cut(cfg, run.parallel.partition_method, layout.pp)
     sharded, local = set(tensor_parallel_layers(cfg)), first_local_layer(cfg)
-    total = sum(c.flops_per_byte for c in costs)
+    total = sum(p.cost.flops_per_byte for p in pieces(cfg))
     micro = run.train.micro_batch_size
     lines = []
-    for stage, (a, b) in enumerate(zip(parts, parts[1:])):
-        layers = range(a, b)
-        params = sum(costs[i].params / (layout.tp if i in sharded else 1) for i in layers)
-        activations = sum(costs[i].activations / (layout.tp if i >= local else 1) for i in layers) * micro
-        lines.append({"layout": layout.name, "stage": stage, "layers": f"{a}-{b - 1}",
-                      "holds": describe_layers(cfg, layers),
-                      "flops_share": sum(costs[i].flops_per_byte for i in layers) / total,
+    for stage, held in enumerate(cut.stage_pieces(cfg)):
+        params = sum(p.cost.params / (layout.tp if p.layer in sharded else 1) for p in held)
+        activations = sum(p.cost.activations / (layout.tp if p.layer >= local else 1) for p in held) * micro
+        layers = cut.layers(stage)
+        lines.append({"layout": layout.name, "stage": stage, "layers": f"{layers.start}-{layers.stop - 1}",
+                      "holds": describe_pieces(cfg, held),
+                      "flops_share": sum(p.cost.flops_per_byte for p in held) / total,
                       "params_m": params / 1e6, "param_mib": params * BYTES_PER_VALUE / 2**20,
                       "activation_mib": activations * BYTES_PER_VALUE / 2**20})
     return lines

@@ -17,7 +17,7 @@ from megatrain.bench_parallel import ParallelLayout, stage_lines
 from megatrain.bench import Checkpointed, PlainTransformer, block_params, build_model, checkpoint_blocks, main, scaling
 from megatrain.config import load_config
 from megatrain.model import Megabyte, bytes_loss
-from megatrain.parallel import layer_costs, pipeline_parts, stage_loads
+from megatrain.parallel import layer_costs, pipeline_cut, stage_loads
 from megatrain.train.metrics import device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,12 +153,13 @@ def test_parallel_figure_measures_each_layouts_step(tiny_shards, cpu_comm):
 def test_parallel_figure_gives_each_stage_its_layers_flops_and_memory():
     run = load_config(TINY)
     cfg = run.model
-    parts = pipeline_parts(cfg, "flops", 2)
+    cut = pipeline_cut(cfg, "flops", 2)
+    parts = cut.parts
     stages = stage_lines(run, ParallelLayout(pp=2, tp=2))
     assert [s["layers"] for s in stages] == [f"0-{parts[1] - 1}", f"{parts[1]}-6"]
     assert [s["holds"] for s in stages] == ["GlobalEmbedding, 2 global blocks, StageInput, 1 local block",
                                             "1 local block, Head"]  # the local model is cut
-    loads = stage_loads(cfg, parts)
+    loads = stage_loads(cfg, cut)
     assert [s["flops_share"] for s in stages] == pytest.approx([x / sum(loads) for x in loads])
     costs = layer_costs(cfg)
     global_blocks = sum(costs[i].params for i in (1, 2))
@@ -166,6 +167,10 @@ def test_parallel_figure_gives_each_stage_its_layers_flops_and_memory():
     local_activations = sum(c.activations for c in costs[parts[1]:])  # split over tp with the patches
     micro = run.train.micro_batch_size
     assert stages[1]["activation_mib"] * 2**20 == pytest.approx(local_activations * micro / 2 * 4)  # fp32
+    # at pp=3 a stage boundary falls between local block 5's branches
+    assert [s["holds"] for s in stage_lines(run, ParallelLayout(pp=3))] == [
+        "GlobalEmbedding, 2 global blocks, StageInput", "1 local block, local block attention (layer 5)",
+        "local block mlp (layer 5), Head"]
 
 
 @pytest.mark.parametrize("text, error", [("pp2xpp2", "pp/tp/dp sizes joined by x"), ("pp0", "pp/tp/dp"),

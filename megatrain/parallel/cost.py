@@ -1,4 +1,6 @@
-"""What each layer of `layer_specs(cfg)` costs: parameters and model FLOPs per byte.
+"""What each layer of `layer_specs(cfg)` costs, and each piece a pipeline stage may start
+at (a whole layer, or one of a block's two residual branches): parameters and model FLOPs
+per byte.
 
 Model FLOPs per byte for training (forward + backward) follow the paper's count,
 6 * (N_global / P + N_local), layer by layer: a layer whose positions stand for p
@@ -13,6 +15,7 @@ attention's scores are not kept, scaled_dot_product_attention recomputes them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 from torch import nn
@@ -26,12 +29,29 @@ class LayerCost:
     flops_per_byte: float
     activations: int  # elements kept for backward per sequence
 
+    def __add__(self, other: "LayerCost") -> "LayerCost":
+        return LayerCost(self.params + other.params, self.flops_per_byte + other.flops_per_byte,
+                         self.activations + other.activations)
 
-ACTIVATIONS_PER_WIDTH = {GlobalEmbedding: 2, StageBlock: 16, StageInput: 3}
+
+@dataclass(frozen=True)
+class Piece:
+    """What a pipeline stage may start at: layer `layer` whole (branch None), or one of a
+    block's residual branches (`StageBlock.BRANCHES`)."""
+
+    layer: int
+    branch: str | None
+    cost: LayerCost
+
+
+ACTIVATIONS_PER_WIDTH = {GlobalEmbedding: 2, StageInput: 3}
+# A block's 16 per position: the attention branch keeps its input, the norm, q, k, v and
+# attention's output; the MLP branch its input, the norm and the 4x hidden twice.
+BRANCH_ACTIVATIONS_PER_WIDTH = {"attention": 6, "mlp": 10}
 
 
 def _activations(cfg: MegabyteConfig, cls: type, args: tuple) -> int:
-    if cls in (StageBlock, StageInput):
+    if cls is StageInput:
         s = cfg.stages[args[1]]
         return ACTIVATIONS_PER_WIDTH[cls] * s.dim * (cfg.seq_len // s.patch_size)
     if cls is GlobalEmbedding:
@@ -52,19 +72,45 @@ def _attention_context(cfg: MegabyteConfig, stage: int) -> int:
     return units + cfg.cross_patch
 
 
-def layer_costs(cfg: MegabyteConfig) -> list[LayerCost]:
-    """The cost of every layer of the model, in `layer_specs` order."""
+def _params_and_matmul_flops(modules: list[nn.Module]) -> tuple[int, float]:
+    params = sum(p.numel() for m in modules for p in m.parameters())
+    matmul = sum(l.weight.numel() for m in modules for l in m.modules() if isinstance(l, (nn.Linear, nn.Conv1d)))
+    return params, 6.0 * matmul
+
+
+def _branch_costs(cfg: MegabyteConfig, block: StageBlock, stage: int) -> list[tuple[str, LayerCost]]:
+    s = cfg.stages[stage]
+    positions = cfg.seq_len // s.patch_size
     costs = []
-    for cls, args in layer_specs(cfg):
+    for branch, names in StageBlock.BRANCHES.items():
+        params, flops = _params_and_matmul_flops([getattr(block, name) for name in names])
+        if branch == "attention":
+            flops += 12.0 * s.dim * _attention_context(cfg, stage)
+        costs.append((branch, LayerCost(params, flops / s.patch_size,
+                                        BRANCH_ACTIVATIONS_PER_WIDTH[branch] * s.dim * positions)))
+    return costs
+
+
+def pieces(cfg: MegabyteConfig) -> list[Piece]:
+    """Every place a pipeline stage may start, in `layer_specs` order, with what it costs."""
+    found = []
+    for index, (cls, args) in enumerate(layer_specs(cfg)):
         with torch.device("meta"):
             layer = cls(*args)
-        matmul_params = sum(m.weight.numel() for m in layer.modules()
-                            if isinstance(m, (nn.Linear, nn.Conv1d)))
-        flops = 6.0 * matmul_params
         if cls is StageBlock:
-            flops += 12.0 * cfg.stages[args[1]].dim * _attention_context(cfg, args[1])
-        params = sum(p.numel() for p in layer.parameters())
-        costs.append(LayerCost(params, flops / _bytes_per_position(cfg, cls, args), _activations(cfg, cls, args)))
+            found += [Piece(index, branch, cost) for branch, cost in _branch_costs(cfg, layer, args[1])]
+        else:
+            params, flops = _params_and_matmul_flops([layer])
+            cost = LayerCost(params, flops / _bytes_per_position(cfg, cls, args), _activations(cfg, cls, args))
+            found.append(Piece(index, None, cost))
+    return found
+
+
+def layer_costs(cfg: MegabyteConfig) -> list[LayerCost]:
+    """The cost of every layer of the model, in `layer_specs` order."""
+    costs: list[LayerCost] = []
+    for layer, group in groupby(pieces(cfg), key=lambda p: p.layer):
+        costs.append(sum((p.cost for p in group), LayerCost(0, 0.0, 0)))
     return costs
 
 

@@ -5,9 +5,10 @@ from its own seed so that every layout starts from the same weights as
 `reference_model(cfg, seed)`. Parallelism adapts the built layers without forking
 their code:
 
-- every layer may start a pipeline stage (`partition.pipeline_parts` balances the FLOPs):
-  the local model runs once per byte, so at MEGABYTE's proportions it is most of the work
-  and is cut into stages too;
+- every layer may start a pipeline stage, and so may a block's MLP branch
+  (`partition.pipeline_cut` balances the FLOPs): the local model runs once per byte, so at
+  MEGABYTE's proportions it is most of the work and is cut into stages too; a block cut
+  between its branches is a `BlockBranch` on each of the two stages;
 - on every stage the global blocks' linears are swapped for tensor-parallel shards
   (`shard_block`), their attention (this rank's heads) running in the rank's own random
   stream (`streams`);
@@ -24,6 +25,9 @@ their code:
 
 from __future__ import annotations
 
+import glob
+import os
+
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
@@ -31,10 +35,10 @@ from deepspeed.utils import logger
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, tie_local_embedding
+from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, residual_branch, tie_local_embedding
 
 from .layout import Layout
-from .partition import pipeline_parts
+from .partition import PipelineCut, pipeline_cut
 from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
 from .streams import run_in_rank_stream, seed_rank_stream
 from .tensor_parallel import shard_block
@@ -50,10 +54,10 @@ def byte_input_layer(cfg: MegabyteConfig) -> int:
     return len(layer_specs(cfg)) - cfg.local_layers - 2
 
 
-def replicated_activations_only(cfg: MegabyteConfig, parts: list[int]) -> bool:
+def replicated_activations_only(cfg: MegabyteConfig, cut: PipelineCut) -> bool:
     """Whether every activation sent between stages is replicated over the tensor-parallel
     group: no stage starts below the first local layer, where the patches are split."""
-    return all(start <= first_local_layer(cfg) for start in parts[1:-1])
+    return all(start <= first_local_layer(cfg) for start in cut.parts[1:-1])
 
 
 def tensor_parallel_layers(cfg: MegabyteConfig) -> range:
@@ -82,6 +86,24 @@ def reference_model(cfg: MegabyteConfig, seed: int) -> Megabyte:
     return model
 
 
+class BlockBranch(nn.Module):
+    """One residual branch of a StageBlock whose block a stage boundary cuts: the branch's
+    modules under the block's own names, so that its parameters keep the reference model's
+    (`{layer}.attn.qkv.weight`); the other branch is on the next or the previous stage."""
+
+    def __init__(self, block: StageBlock, branch: str) -> None:
+        super().__init__()
+        self.branch = branch
+        for name in StageBlock.BRANCHES[branch]:
+            self.add_module(name, getattr(block, name))
+        self.drop = block.drop
+
+    def forward(self, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, x = state
+        norm, f = (getattr(self, name) for name in StageBlock.BRANCHES[self.branch])
+        return residual_branch(h, norm, f, self.drop), x
+
+
 class _SeededLayerSpec(LayerSpec):
     """A layer of the reference model built from its own seed, then adapted for parallelism."""
 
@@ -107,7 +129,7 @@ class MegabytePipeline(PipelineModule):
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
-                         checkpointable_layers=["StageBlock"])
+                         checkpointable_layers=["StageBlock", "BlockBranch"])
         self._local_params: list[nn.Parameter] = []
         self._tied_copy: list[tuple[nn.Parameter, object]] = []  # the local embedding and its stages' group
         if self.tp_size > 1:
@@ -133,19 +155,43 @@ class MegabytePipeline(PipelineModule):
         if index in tensor_parallel_layers(self.config) and self.tp_size > 1:
             run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
             layer = shard_block(layer, self.tp_group)
-        if self.compile_blocks and isinstance(layer, StageBlock):
+        branch = self.cut.branch(self.stage_id, index)
+        if branch is not None:
+            layer = BlockBranch(layer, branch)
+        if self.compile_blocks and isinstance(layer, (StageBlock, BlockBranch)):
             layer.compile()  # in place: the parameters keep their names
         return layer
 
     def _partition_layers(self, method: str = "flops") -> None:
         # Called by PipelineModule.__init__: DeepSpeed's own methods do not know the layers' FLOPs.
-        self.parts = pipeline_parts(self.config, method, self.num_stages)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        self.cut = pipeline_cut(self.config, method, self.num_stages)
+        self.parts = list(self.cut.parts)
+        layers = self.cut.layers(self.stage_id)
+        self._set_bounds(start=layers.start, stop=layers.stop)
         if self.global_rank == 0:
-            names = [repr(spec) for spec in self._layer_specs]
             for s in range(self.num_stages):
-                logger.info(f"pipeline stage {s}: {', '.join(names[self.parts[s]:self.parts[s + 1]])}")
+                names = [repr(self._layer_specs[i]) + (f".{b}" if (b := self.cut.branch(s, i)) else "")
+                         for i in self.cut.layers(s)]
+                logger.info(f"pipeline stage {s}: {', '.join(names)}")
+
+    # A branch's files are named apart from the other branch's, which the other stage saves.
+    def _branch_name(self, local_layer_idx: int) -> str | None:
+        layer = self.forward_funcs[local_layer_idx]
+        return layer.branch if isinstance(layer, BlockBranch) else None
+
+    def ckpt_layer_path(self, ckpt_dir: str, local_layer_idx: int) -> str:
+        path, branch = super().ckpt_layer_path(ckpt_dir, local_layer_idx), self._branch_name(local_layer_idx)
+        if branch is None:
+            return path
+        name = f"layer_{local_layer_idx + self._local_start:02d}"
+        return os.path.join(ckpt_dir, os.path.basename(path).replace(f"{name}-", f"{name}.{branch}-", 1))
+
+    def ckpt_layer_path_list(self, ckpt_dir: str, local_layer_idx: int) -> list[str]:
+        branch = self._branch_name(local_layer_idx)
+        if branch is None:
+            return super().ckpt_layer_path_list(ckpt_dir, local_layer_idx)
+        name = f"layer_{local_layer_idx + self._local_start:02d}.{branch}"
+        return sorted(glob.glob(os.path.join(ckpt_dir, f"{name}-*model_states.pt")))  # one per tp rank
 
     def _set_up_local_model(self, seed: int) -> None:
         cfg, first = self.config, first_local_layer(self.config)

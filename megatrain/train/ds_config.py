@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatrain.config import RunConfig
-from megatrain.parallel import Layout, pipeline_parts, replicated_activations_only
+from megatrain.parallel import Layout, pipeline_cut, replicated_activations_only
 
 MONITOR_KEYS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
 
@@ -35,7 +35,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         "timers": {"throughput": {"enabled": False}},
     }
     if layout.tp > 1 and not replicated_activations_only(
-            cfg.model, pipeline_parts(cfg.model, cfg.parallel.partition_method, layout.pp)):
+            cfg.model, pipeline_cut(cfg.model, cfg.parallel.partition_method, layout.pp)):
         # the patch-split local model crosses a stage: each tensor-parallel rank sends its own
         # patches, not the slice of a replicated activation that pipe_partitioned assumes
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}

@@ -240,7 +240,9 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
         data = self.train_data.state_dict() if self.train_data is not None else None
-        layout = {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp, "parts": self.engine.module.parts}
+        cut = self.engine.module.cut
+        layout = {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp,
+                  "parts": list(cut.parts), "inside": list(cut.inside)}
         return {"config": config_to_dict(self.cfg), "layout": layout,
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
                 "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
@@ -312,9 +314,11 @@ class Trainer:
         """The model, optimizer, LR schedule, step count and RNG state of `tag`."""
         saved = client["layout"]
         # DeepSpeed's own files fit only the layout and stage boundaries they were saved at
-        # (checkpoints from before the boundaries were recorded are resharded)
-        here = (self.layout.pp, self.layout.tp, self.engine.module.parts)
-        same = (saved["pp"], saved["tp"], saved.get("parts")) == here
+        # (checkpoints from before the boundaries were recorded are resharded; those from
+        # before a stage could start inside a block have none inside)
+        cut = self.engine.module.cut
+        here = (self.layout.pp, self.layout.tp, list(cut.parts), list(cut.inside))
+        same = (saved["pp"], saved["tp"], saved.get("parts"), saved.get("inside", [])) == here
         if is_universal(tag) or not same:
             load_resharded(self.engine, tag, client)
             # no RNG state fits another layout: new streams, not a replay of step 0's

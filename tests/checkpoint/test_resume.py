@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain.checkpoint import CheckpointError, consolidate, is_universal, partial_tag, read_client_state
+from megatrain.checkpoint import CheckpointError, consolidate, convert, is_universal, partial_tag, read_client_state
 from megatrain.config import config_to_dict, load_config
 from megatrain.parallel.tensor_parallel import BLOCK_SPLITS
 from megatrain.train.checkpointing import check_resumable
@@ -283,13 +283,21 @@ def test_one_rank_checkpoint_resumes_at_pp2_tp2(straight, tiny_shards, tmp_path)
 
 
 def test_a_checkpoint_resumes_under_other_stage_boundaries(straight, tiny_shards, tmp_path):
-    """pp=2 cut by parameters ([0, 2, 7]: the local model whole on stage 1, as before the
-    local model was cut) resumes cut by flops ([0, 5, 7]: inside the local model, the Head's
-    copy of the embedding made from the saved embedding), and back again."""
+    """pp=2 cut by parameters ((0, 2, 7) inside global block 2: its attention branch on
+    stage 0, its MLP branch on stage 1) resumes at its own boundaries bitwise (DeepSpeed's
+    files, each branch in a file of its own), cut by flops ((0, 5, 7): whole layers, inside
+    the local model, the Head's copy of the embedding made from the saved embedding), and
+    back again; its consolidated weights and convert's layout-free form are the same."""
     pp2 = ["--pp", "2", *batch(2, 2), "--save-interval", "2"]
     by_parameters = ["--set", "parallel.partition_method=parameters"]
     old = pretrain("pp2 parameters", "slurm-env", 2, [*pp2, *by_parameters, "--train-steps", "4"], tiny_shards,
                    tmp_path / "old")
+    assert {k: read_client_state(old.dir / "ckpt" / "global_step4")["layout"][k] for k in ("parts", "inside")} == \
+        {"parts": [0, 2, 7], "inside": [1]}
+    same = pretrain("pp2 parameters resumed", "slurm-env", 2,
+                    [*pp2, *by_parameters, "--train-steps", "4", "--load", str(copy_at(old.dir / "ckpt", 2, tmp_path / "c"))],
+                    tiny_shards, tmp_path / "same")
+    assert losses(same.dir) == {s: losses(old.dir)[s] for s in (3, 4)}
     new = pretrain("pp2 flops", "slurm-env", 2, [*pp2, "--train-steps", "6", "--load", str(old.dir / "ckpt")],
                    tiny_shards, tmp_path / "new")
     back = pretrain("pp2 parameters again", "slurm-env", 2,
@@ -299,6 +307,9 @@ def test_a_checkpoint_resumes_under_other_stage_boundaries(straight, tiny_shards
     expected = losses(straight.dir)
     for run, steps in ((old, range(1, 5)), (new, range(5, 7)), (back, range(7, 9))):
         assert close_to(expected, losses(run.dir), steps)
+    original, layout_free = consolidate(old.dir / "ckpt")[1], consolidate(convert(old.dir / "ckpt", tmp_path / "free"))[1]
+    assert sorted(original) == sorted(consolidate(straight.dir / "ckpt")[1])
+    assert all(torch.equal(original[name], layout_free[name]) for name in original)
 
 
 def test_convert_refuses_what_it_cannot_write(straight, tmp_path):

@@ -3,10 +3,12 @@ patch's local model also attends to the previous patch's last bytes) trained on 
 stages, and on 2 stages x tp=2, gives the 1-rank run's losses and gradient norms.
 
 tiny's local model is most of its FLOPs (73%), so the flops partition puts it on several
-stages: pp=3 [0, 3, 5, 7] (the global-to-local input and local block 1 | block 2 and the
-Head), pp=4 [0, 3, 5, 6, 7], and pp=2 [0, 5, 7], where each tensor-parallel rank carries
-its own share of the patches from stage 0 to stage 1. Without cross-patch attention the
-same cuts train in tests/train/test_pretrain.py (pp=2, pp=2 x dp=2, pp=2 x tp=2).
+stages: pp=3 (0, 4, 5, 7) with a stage starting inside local block 5 (the global-to-local
+input | local block 4 and block 5's attention branch | block 5's MLP branch and the Head),
+pp=4 (0, 3, 5, 6, 7), and pp=2 (0, 5, 7), where each tensor-parallel rank carries its own
+share of the patches from stage 0 to stage 1. By parameters, pp=2 x tp=2 cuts inside
+global block 2, whose branches are tensor-parallel shards. Without cross-patch attention
+the same cuts train in tests/train/test_pretrain.py (pp=2, pp=2 x dp=2, pp=2 x tp=2).
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import torch
 
 from megatrain.config import load_config
 from megatrain.model import layer_specs
-from megatrain.parallel import byte_input_layer, first_local_layer, pipeline_parts
+from megatrain.parallel import byte_input_layer, first_local_layer, pipeline_cut
 
 from .test_pretrain import TINY, batch, pretrain, relative_gaps
 
 CROSS_PATCH = ["--set", "model.cross_patch=2"]
-LAYOUTS = {  # name: (launcher, ranks, options, stage boundaries); the global batch is 4 in all
-    "pp=3": ("torchrun-env", 3, ["--pp", "3", *batch(1, 4)], [0, 3, 5, 7]),
-    "pp=4": ("torchrun-env", 4, ["--pp", "4", *batch(1, 4)], [0, 3, 5, 6, 7]),
-    "pp=2 x tp=2": ("slurm-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2)], [0, 5, 7]),
+BY_PARAMETERS = ["--set", "parallel.partition_method=parameters"]
+LAYOUTS = {  # name: (launcher, ranks, options, partition method, (stage starts, starts inside a block));
+    # the global batch is 4 in all
+    "pp=3": ("torchrun-env", 3, ["--pp", "3", *batch(1, 4)], "flops", ((0, 4, 5, 7), (2,))),
+    "pp=4": ("torchrun-env", 4, ["--pp", "4", *batch(1, 4)], "flops", ((0, 3, 5, 6, 7), ())),
+    "pp=2 x tp=2": ("slurm-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2)], "flops", ((0, 5, 7), ())),
+    "pp=2 x tp=2 by parameters": ("torchrun-env", 4, ["--pp", "2", "--tp", "2", *batch(2, 2), *BY_PARAMETERS],
+                                  "parameters", ((0, 2, 7), (1,))),
 }
 
 
@@ -35,16 +41,23 @@ def one_rank(tiny_shards, cpu_comm, tmp_path_factory):
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_the_local_model_on_several_stages_trains_as_on_one_rank(one_rank, name, tiny_shards, tmp_path):
-    launcher, ranks, options, parts = LAYOUTS[name]
+    launcher, ranks, options, method, (parts, inside) = LAYOUTS[name]
     cfg = load_config(TINY, ["model.cross_patch=2"])
-    assert pipeline_parts(cfg.model, "flops", len(parts) - 1) == parts
-    assert sum(start > first_local_layer(cfg.model) for start in parts[1:-1]) >= 1, "a cut inside the local model"
+    cut = pipeline_cut(cfg.model, method, len(parts) - 1)
+    assert (cut.parts, cut.inside) == (parts, inside)
     run = pretrain(name, launcher, ranks, [*CROSS_PATCH, *options], tiny_shards, tmp_path)
     assert max(relative_gaps(one_rank.losses(), run.losses())) < 1e-5
     grads = [[r["grad_norm"] for r in r_.steps[:4]] for r_ in (one_rank, run)]
     assert max(relative_gaps(*grads)) < 1e-5
-    # the tied local embedding lives on two stages (byte input, Head): its copies stay equal
     tag = run.dir / "ckpt" / "global_step4"
-    head = len(layer_specs(cfg.model)) - 1
-    embedding = torch.load(tag / f"layer_{byte_input_layer(cfg.model):02d}-model_00-model_states.pt")["byte_embed.weight"]
-    assert torch.equal(embedding, torch.load(tag / f"layer_{head:02d}-model_00-model_states.pt")["out.weight"])
+    if method == "flops":
+        assert sum(start > first_local_layer(cfg.model) for start in parts[1:-1]) >= 1, "a cut inside the local model"
+        # the tied local embedding lives on two stages (byte input, Head): its copies stay equal
+        head = len(layer_specs(cfg.model)) - 1
+        embedding = torch.load(tag / f"layer_{byte_input_layer(cfg.model):02d}-model_00-model_states.pt")["byte_embed.weight"]
+        assert torch.equal(embedding, torch.load(tag / f"layer_{head:02d}-model_00-model_states.pt")["out.weight"])
+    for stage in inside:  # a block cut between its branches: each stage saves its own branch
+        layer = parts[stage]
+        for branch, first in (("attention", "norm1.weight"), ("mlp", "norm2.weight")):
+            files = sorted(tag.glob(f"layer_{layer:02d}.{branch}-model_*-model_states.pt"))
+            assert files and all(first in torch.load(f, weights_only=True) for f in files), (branch, files)
