@@ -20,7 +20,8 @@ from .streams import rank_stream_state, run_in_rank_stream, seed_rank_stream, se
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_block
 
 __all__ = [
-    "LayerCost", "Piece", "pieces", "PipelineCut", "pipeline_cut", "layer_costs", "model_flops_per_byte", "Layout", "LayoutError", "layout_problems",
+    "LayerCost", "Piece", "pieces", "PipelineCut", "pipeline_cut", "layer_costs", "model_flops_per_byte",
+    "Layout", "LayoutError", "layout_problems",
     "plan_layout", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
     "run_on_share", "min_max_cut", "stage_loads", "MegabytePipeline", "byte_input_layer", "replicated_activations_only",
     "build_layer", "first_local_layer", "reference_model",

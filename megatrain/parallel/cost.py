@@ -74,7 +74,7 @@ def _attention_context(cfg: MegabyteConfig, stage: int) -> int:
 
 def _params_and_matmul_flops(modules: list[nn.Module]) -> tuple[int, float]:
     params = sum(p.numel() for m in modules for p in m.parameters())
-    matmul = sum(l.weight.numel() for m in modules for l in m.modules() if isinstance(l, (nn.Linear, nn.Conv1d)))
+    matmul = sum(sub.weight.numel() for m in modules for sub in m.modules() if isinstance(sub, (nn.Linear, nn.Conv1d)))
     return params, 6.0 * matmul
 
 

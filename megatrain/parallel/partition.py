@@ -54,7 +54,8 @@ class PipelineCut:
 
     def stage_pieces(self, cfg: MegabyteConfig) -> list[list[Piece]]:
         """Each stage's pieces of the model."""
-        return [[p for p in pieces(cfg) if p.layer in self.layers(s) and self.branch(s, p.layer) in (None, p.branch)]
+        found = pieces(cfg)
+        return [[p for p in found if p.layer in self.layers(s) and self.branch(s, p.layer) in (None, p.branch)]
                 for s in range(len(self.parts) - 1)]
 
 
