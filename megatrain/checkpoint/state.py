@@ -28,7 +28,7 @@ from .files import (UNIVERSAL, CheckpointError, commit, is_universal, load_file,
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 # What a layout-free checkpoint keeps of the client state: the run, not DeepSpeed's internals.
 CLIENT_KEYS = ("config", "layout", "data", "mixture", "dataset_fingerprint", "code_version", "global_steps",
-               "global_samples", "skipped_steps", "lr_scheduler", "val_bpb")
+               "global_samples", "skipped_steps", "lr_scheduler", "val_bpb", "micro_batches")
 
 
 @dataclass

@@ -19,6 +19,8 @@ their code:
   `pipe_partitioned` send, which assumes them replicated, is turned off:
   `replicated_activations_only`). Its gradients are summed over the group in one flat
   all-reduce a step;
+- without tensor parallelism each layer's dropout draws from a seed of the micro-batch and
+  the layer (`streams.LayerSeeds`), so that any cut draws the masks of one rank;
 - the tied local embedding (the byte-level StageInput's, also the Head's output matrix)
   is two copies with summed gradients when those layers sit on different stages.
 """
@@ -40,7 +42,7 @@ from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, r
 from .layout import Layout
 from .partition import PipelineCut, pipeline_cut
 from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
-from .streams import run_in_rank_stream, seed_rank_stream
+from .streams import LAYER_KEY_STRIDE, LayerSeeds, run_in_rank_stream, seed_rank_stream
 from .tensor_parallel import shard_block
 
 
@@ -126,10 +128,14 @@ class MegabytePipeline(PipelineModule):
                  partition_method: str = "flops", activation_checkpoint_interval: int = 0,
                  compile_blocks: bool = False) -> None:
         self.config, self.compile_blocks = cfg, compile_blocks
+        # under tensor parallelism the local model draws from each rank's own stream instead
+        self.layer_seeds = LayerSeeds(seed) if layout.tp == 1 else None
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
-                         checkpointable_layers=["StageBlock", "BlockBranch"])
+                         checkpointable_layers=["StageBlock", "BlockBranch"],
+                         seed_layers=self.layer_seeds is not None, seed_fn=self.layer_seeds,
+                         base_seed=LAYER_KEY_STRIDE)
         self._local_params: list[nn.Parameter] = []
         self._tied_copy: list[tuple[nn.Parameter, object]] = []  # the local embedding and its stages' group
         if self.tp_size > 1:
@@ -155,9 +161,13 @@ class MegabytePipeline(PipelineModule):
         if index in tensor_parallel_layers(self.config) and self.tp_size > 1:
             run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
             layer = shard_block(layer, self.tp_group)
+        if self.layer_seeds is not None and isinstance(layer, StageBlock):
+            layer.norm2.register_forward_pre_hook(self.layer_seeds.before_mlp_branch)
         branch = self.cut.branch(self.stage_id, index)
         if branch is not None:
             layer = BlockBranch(layer, branch)
+        if self.layer_seeds is not None:
+            layer.register_forward_pre_hook(self.layer_seeds.before_layer(index))
         if self.compile_blocks and isinstance(layer, (StageBlock, BlockBranch)):
             layer.compile()  # in place: the parameters keep their names
         return layer

@@ -243,11 +243,13 @@ class Trainer:
         cut = self.engine.module.cut
         layout = {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp,
                   "parts": list(cut.parts), "inside": list(cut.inside)}
+        # the micro-batches each stage has run, which key the layers' dropout seeds (streams.LayerSeeds)
+        micro_batches = self.engine.module.micro_offset
         return {"config": config_to_dict(self.cfg), "layout": layout,
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
                 "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
                 "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
-                "recent_losses": list(self.spikes.losses)}
+                "recent_losses": list(self.spikes.losses), "micro_batches": micro_batches}
 
     def last_good_tag(self) -> Path | None:
         """The newest complete checkpoint of this run: `latest` under --save, else the --load one."""
@@ -327,6 +329,7 @@ class Trainer:
                 seed_rank_stream(self.cfg.train.seed + self.engine.global_steps, self.tp_rank)
         else:
             self._load_same_layout(tag, same_dp=saved["dp"] == self.layout.dp)
+        self.engine.module.micro_offset = client.get("micro_batches", 0)
         # ZeRO's elastic and our resharded loads restore the schedule but not the groups' learning rates
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr

@@ -13,6 +13,8 @@ the same cuts train in tests/train/test_pretrain.py (pp=2, pp=2 x dp=2, pp=2 x t
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -61,3 +63,33 @@ def test_the_local_model_on_several_stages_trains_as_on_one_rank(one_rank, name,
         for branch, first in (("attention", "norm1.weight"), ("mlp", "norm2.weight")):
             files = sorted(tag.glob(f"layer_{layer:02d}.{branch}-model_*-model_states.pt"))
             assert files and all(first in torch.load(f, weights_only=True) for f in files), (branch, files)
+
+
+DROPOUT = ["--set", "model.dropout=0.1", *batch(1, 4)]
+
+
+def test_with_dropout_a_pipeline_cut_inside_a_block_draws_the_masks_of_one_rank(tiny_shards, cpu_comm, tmp_path):
+    """Each layer's masks come from a seed of the micro-batch and the layer, and a block's MLP
+    branch from one of its own: pp=3, cut inside local block 5, gives the 1-rank losses at the
+    same micro-batches (1 x 4), also with activation checkpointing (the recomputed masks are
+    the forward's), and resumes from its step-2 checkpoint bitwise, and on one rank."""
+    options = [*CROSS_PATCH, *DROPOUT, "--save-interval", "2"]
+    one = pretrain("1 rank, dropout", "python", 1, options, tiny_shards, tmp_path / "one")
+    pp3 = pretrain("pp=3, dropout", "torchrun-env", 3, [*options, "--pp", "3"], tiny_shards, tmp_path / "pp3")
+    assert max(relative_gaps(one.losses(), pp3.losses())) < 1e-6  # other masks: 2e-5 at the first step
+    recomputed = pretrain("pp=3, dropout, checkpointed", "torchrun-env", 3,
+                          [*options, "--pp", "3", "--set", "train.activation_checkpointing=true"], tiny_shards,
+                          tmp_path / "ac")
+    assert recomputed.losses() == pp3.losses()
+    no_dropout = pretrain("1 rank", "python", 1, [*CROSS_PATCH, *batch(1, 4)], tiny_shards, tmp_path / "plain")
+    assert max(relative_gaps(one.losses(), no_dropout.losses())) > 1e-4, "dropout changes the losses"
+    ckpt = tmp_path / "at2"
+    shutil.copytree(pp3.dir / "ckpt", ckpt)
+    (ckpt / "latest").write_text("global_step2")
+    resumed = pretrain("pp=3, dropout, resumed", "torchrun-env", 3, [*options, "--pp", "3", "--load", str(ckpt)],
+                       tiny_shards, tmp_path / "resumed")
+    assert resumed.losses(len(pp3.losses()) - 2) == pp3.losses()[2:]
+    # on one rank (resharded: the random state starts anew, the micro-batch ordinal carries over)
+    on_one = pretrain("1 rank from pp=3, dropout", "python", 1, [*options, "--load", str(ckpt)], tiny_shards,
+                      tmp_path / "on one")
+    assert max(relative_gaps(one.losses()[2:], on_one.losses(2))) < 1e-6
