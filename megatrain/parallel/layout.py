@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megatrain.config import RunConfig
-from megatrain.model import StageBlock, layer_specs
+from megatrain.model import StageBlock
 
+from .cost import pieces
 from .partition import WEIGHTS as PARTITION_METHODS
 
 
@@ -47,7 +48,7 @@ def layout_problems(cfg: RunConfig, world_size: int) -> list[str]:
     if m.num_patches % tp:
         out.append(f"the {m.num_patches} patches of a sequence (seq_len / patch_size) cannot be "
                    f"shared evenly by tp={tp} ranks")
-    starts = sum(len(StageBlock.BRANCHES) if cls is StageBlock else 1 for cls, _ in layer_specs(m))
+    starts = len(pieces(m))
     if pp > starts:
         out.append(f"pp={pp} stages need at least {pp} places to start, the model has {starts} (embedding, "
                    f"{m.global_layers} global and {m.local_layers} local blocks of {len(StageBlock.BRANCHES)} "
