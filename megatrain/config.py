@@ -138,6 +138,10 @@ class ParallelConfig:
     pp: int = 1
     tp: int = 1
     partition_method: str = "flops"  # balance pipeline stages by: flops (per byte), memory, parameters, uniform
+    # Every layout draws the dropout masks one rank draws: each tensor-parallel rank draws
+    # whole masks and keeps its slice (tp x the mask work there, and the global attention's
+    # dropout outside SDPA). Off: those ranks draw their slices from streams of their own.
+    layout_invariant_dropout: bool = False
     timeout_s: float = 90.0  # a collective waiting longer fails, so no rank outlives a dead peer
 
 

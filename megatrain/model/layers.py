@@ -36,23 +36,32 @@ SMALL_ATTENTION_MAX = 32
 
 
 def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    dropout: float = 0.0) -> torch.Tensor:
+                    drop: nn.Module | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) where mask, else -inf) v, for q [..., m, d], k and v [..., keys, d]
-    and a boolean mask broadcast to [..., m, keys]; the softmax in fp32, as SDPA's."""
+    and a boolean mask broadcast to [..., m, keys]; the softmax in fp32, as SDPA's; `drop`
+    (a dropout) on the weights."""
     scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
     weights = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
-    return F.dropout(weights, dropout) @ v
+    return (weights if drop is None else drop(weights)) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout: float) -> torch.Tensor:
-    """Attention over a unit's keys (causal where mask is None): SDPA over many keys,
-    `small_attention` over few."""
-    if k.shape[-2] > SMALL_ATTENTION_MAX:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+              drop: nn.Module) -> torch.Tensor:
+    """Attention of q [B, n, heads, m, d] over k, v [B, n, heads, keys, d], causal where mask is
+    None, else where a boolean mask [n, 1, m, keys] holds: SDPA, with its fused dropout, over
+    many keys; `small_attention` over few, or where `drop` is not an nn.Dropout (a dropout
+    that draws its masks itself, as megatrain.parallel's layout-invariant one, needs the weights)."""
+    B, n, heads, m, d = q.shape
+    keys = k.shape[-2]
+    if keys > SMALL_ATTENTION_MAX and (isinstance(drop, nn.Dropout) or not drop.training):
+        flat = [t.reshape(B * n, heads, -1, d) for t in (q, k, v)]
+        mask = None if mask is None else mask.expand(B, n, 1, m, keys).reshape(B * n, 1, m, keys)
+        out = F.scaled_dot_product_attention(*flat, attn_mask=mask, dropout_p=drop.p if drop.training else 0.0,
+                                             is_causal=mask is None)
+        return out.view(B, n, heads, m, d)
     if mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    return small_attention(q, k, v, mask, dropout)
+        mask = torch.ones(m, keys, dtype=torch.bool, device=q.device).tril()
+    return small_attention(q, k, v, mask, drop)
 
 
 def in_autocast_dtype(h: torch.Tensor) -> torch.Tensor:
@@ -98,7 +107,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = dim // heads
         self.cross_patch = cross_patch
-        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)  # on the attention weights
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
@@ -111,15 +120,8 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, n, m, _ = h.shape
         q, k, v = self.split_heads(self.qkv(h))
-        heads = q.shape[2]
-        drop = self.dropout if self.training else 0.0
-        if self.cross_patch:
-            out = self._cross_patch_attention(q, k, v, drop)
-        else:
-            shape = (B * n, heads, m, self.head_dim)
-            out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), None, drop)
-        out = out.view(B, n, heads, m, self.head_dim).transpose(2, 3).reshape(B, n, m, -1)
-        return self.proj(out)
+        out = self._cross_patch_attention(q, k, v) if self.cross_patch else attention(q, k, v, None, self.drop)
+        return self.proj(out.transpose(2, 3).reshape(B, n, m, -1))
 
     def step(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Attention output for one new position h [B, D] of the current unit (generation)."""
@@ -137,10 +139,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values)  # the new position sees all cached
         return self.proj(out.reshape(B, -1))
 
-    def _cross_patch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               drop: float) -> torch.Tensor:
-        B, n, heads, m, hd = q.shape
-        r = self.cross_patch
+    def _cross_patch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n, m, r = q.shape[1], q.shape[3], self.cross_patch
         # Keys/values of the previous unit's last r positions; unit 0 gets zeros, masked below.
         k_prev = F.pad(k[:, :-1, :, -r:], (0, 0, 0, 0, 0, 0, 1, 0))
         v_prev = F.pad(v[:, :-1, :, -r:], (0, 0, 0, 0, 0, 0, 1, 0))
@@ -150,10 +150,8 @@ class Attention(nn.Module):
         v = torch.cat((v_prev, v), dim=3)
         causal = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
         has_prev = (torch.arange(n, device=q.device) > 0)[:, None, None].expand(n, m, r)
-        mask = torch.cat((has_prev, causal.expand(n, m, m)), dim=2)  # [n, m, r + m]
-        mask = mask[None, :, None].expand(B, n, 1, m, r + m).reshape(B * n, 1, m, r + m)
-        return attention(q.reshape(B * n, heads, m, hd), k.reshape(B * n, heads, r + m, hd),
-                         v.reshape(B * n, heads, r + m, hd), mask, drop)
+        mask = torch.cat((has_prev, causal.expand(n, m, m)), dim=2)[:, None]  # [n, 1, m, r + m]
+        return attention(q, k, v, mask, self.drop)
 
 
 class MLP(nn.Module):

@@ -20,7 +20,9 @@ their code:
   `replicated_activations_only`). Its gradients are summed over the group in one flat
   all-reduce a step;
 - without tensor parallelism each layer's dropout draws from a seed of the micro-batch and
-  the layer (`streams.LayerSeeds`), so that any cut draws the masks of one rank;
+  the layer (`streams.LayerSeeds`), so that any cut draws the masks of one rank; with it
+  too where `layout_invariant_dropout` has every rank draw whole masks and keep its slice
+  (`masks`), so that any layout does;
 - the tied local embedding (the byte-level StageInput's, also the Head's output matrix)
   is two copies with summed gradients when those layers sit on different stages.
 """
@@ -40,6 +42,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, residual_branch, tie_local_embedding
 
 from .layout import Layout
+from .masks import draw_head_slices, draw_patch_slices, draw_whole_masks
 from .partition import PipelineCut, pipeline_cut
 from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
 from .streams import LAYER_KEY_STRIDE, LayerSeeds, run_in_rank_stream, seed_rank_stream
@@ -126,10 +129,13 @@ class MegabytePipeline(PipelineModule):
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
                  partition_method: str = "flops", activation_checkpoint_interval: int = 0,
-                 compile_blocks: bool = False) -> None:
+                 compile_blocks: bool = False, layout_invariant_dropout: bool = False) -> None:
         self.config, self.compile_blocks = cfg, compile_blocks
-        # under tensor parallelism the local model draws from each rank's own stream instead
-        self.layer_seeds = LayerSeeds(seed) if layout.tp == 1 else None
+        # Under tensor parallelism the sharded regions draw from each rank's own stream,
+        # unless every rank draws whole masks and keeps its slice (`masks`).
+        self.whole_masks = layout_invariant_dropout
+        self.rank_streams = layout.tp > 1 and not layout_invariant_dropout
+        self.layer_seeds = None if self.rank_streams else LayerSeeds(seed)
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
@@ -138,7 +144,7 @@ class MegabytePipeline(PipelineModule):
                          base_seed=LAYER_KEY_STRIDE)
         self._local_params: list[nn.Parameter] = []
         self._tied_copy: list[tuple[nn.Parameter, object]] = []  # the local embedding and its stages' group
-        if self.tp_size > 1:
+        if self.rank_streams:
             seed_rank_stream(seed, self.tp_rank)
         self._set_up_local_model(seed)
 
@@ -158,8 +164,12 @@ class MegabytePipeline(PipelineModule):
         return next(s for s in range(self.num_stages) if layer < self.parts[s + 1])
 
     def _adapt(self, index: int, layer: nn.Module) -> nn.Module:
-        if index in tensor_parallel_layers(self.config) and self.tp_size > 1:
+        tensor_parallel = index in tensor_parallel_layers(self.config) and self.tp_size > 1
+        if self.whole_masks:
+            self._draw_masks_as_one_rank(index, layer)
+        elif tensor_parallel:
             run_in_rank_stream(layer.attn)  # its heads are this rank's: attention dropout of their own
+        if tensor_parallel:
             layer = shard_block(layer, self.tp_group)
         if self.layer_seeds is not None and isinstance(layer, StageBlock):
             layer.norm2.register_forward_pre_hook(self.layer_seeds.before_mlp_branch)
@@ -171,6 +181,15 @@ class MegabytePipeline(PipelineModule):
         if self.compile_blocks and isinstance(layer, (StageBlock, BlockBranch)):
             layer.compile()  # in place: the parameters keep their names
         return layer
+
+    def _draw_masks_as_one_rank(self, index: int, layer: nn.Module) -> None:
+        cfg = self.config
+        if self.tp_size > 1 and index in tensor_parallel_layers(cfg):
+            draw_head_slices(layer, self.tp_rank, self.tp_size, cfg.global_heads)
+        elif self.tp_size > 1 and index >= first_local_layer(cfg):
+            draw_patch_slices(layer, patch_share(cfg, self.tp_rank, self.tp_size))
+        else:
+            draw_whole_masks(layer)
 
     def _partition_layers(self, method: str = "flops") -> None:
         # Called by PipelineModule.__init__: DeepSpeed's own methods do not know the layers' FLOPs.
@@ -213,7 +232,8 @@ class MegabytePipeline(PipelineModule):
         if local and self.tp_size > 1:
             if first in layers:
                 layers[first].register_forward_pre_hook(SplitPatches(share, self.tp_group))
-            run_in_rank_stream(local[0], local[-1])
+            if self.rank_streams:
+                run_in_rank_stream(local[0], local[-1])
             self._local_params = list(nn.ModuleList(local).parameters())
         if self.stage_id == self.num_stages - 1:
             self.loss_fn = PatchParallelLoss(share, self.tp_group)

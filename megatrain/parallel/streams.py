@@ -3,7 +3,9 @@
 Without tensor parallelism the shared stream is reseeded before every layer from the
 micro-batch's ordinal and the layer (`LayerSeeds`), and again before a block's MLP
 branch, so that a layer draws the same dropout masks on whichever pipeline stage it sits
-(a block cut between its branches included) as on one rank.
+(a block cut between its branches included) as on one rank. So it is under tensor
+parallelism with `layout_invariant_dropout`, where the ranks draw whole masks and keep
+their slices (`masks`) instead of the rank streams below.
 
 Where the ranks of a tensor-parallel group hold the same activations (the embeddings,
 the residual stream and norms of the global blocks) dropout must draw the same masks on

@@ -93,3 +93,27 @@ def test_with_dropout_a_pipeline_cut_inside_a_block_draws_the_masks_of_one_rank(
     on_one = pretrain("1 rank from pp=3, dropout", "python", 1, [*options, "--load", str(ckpt)], tiny_shards,
                       tmp_path / "on one")
     assert max(relative_gaps(one.losses()[2:], on_one.losses(2))) < 1e-6
+
+
+def test_with_layout_invariant_dropout_tensor_parallel_ranks_draw_the_masks_of_one_rank(tiny_shards, cpu_comm,
+                                                                                        tmp_path):
+    """`parallel.layout_invariant_dropout`: every tp rank draws whole masks and keeps its slice,
+    so pp=2 x tp=2 cut inside the local model (each rank's patches, with their halo) and
+    cut inside global block 2 (each rank's heads) give the 1-rank losses with dropout, and
+    one rank resumed from the first's step-2 checkpoint goes on with the same masks."""
+    options = [*CROSS_PATCH, "--set", "model.dropout=0.1", "--set", "parallel.layout_invariant_dropout=true",
+               "--save-interval", "2"]
+    one = pretrain("1 rank, dropout", "python", 1, [*options, *batch(2, 2)], tiny_shards, tmp_path / "one")
+    no_dropout = pretrain("1 rank", "python", 1, [*CROSS_PATCH, *batch(2, 2)], tiny_shards, tmp_path / "plain")
+    assert max(relative_gaps(one.losses(), no_dropout.losses())) > 1e-4, "dropout changes the losses"
+    runs = {}
+    for name in ("pp=2 x tp=2", "pp=2 x tp=2 by parameters"):
+        launcher, ranks, layout, *_ = LAYOUTS[name]
+        runs[name] = pretrain(f"{name}, dropout", launcher, ranks, [*options, *layout], tiny_shards, tmp_path / name)
+        assert max(relative_gaps(one.losses(), runs[name].losses())) < 1e-5, name  # own streams: 3e-4
+    ckpt = tmp_path / "at2"
+    shutil.copytree(runs["pp=2 x tp=2"].dir / "ckpt", ckpt)
+    (ckpt / "latest").write_text("global_step2")
+    on_one = pretrain("1 rank from pp=2 x tp=2, dropout", "python", 1, [*options, *batch(2, 2), "--load", str(ckpt)],
+                      tiny_shards, tmp_path / "on one")
+    assert max(relative_gaps(one.losses()[2:], on_one.losses(2))) < 1e-5
