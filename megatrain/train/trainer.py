@@ -241,16 +241,19 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         """What a checkpoint holds beside the engine's state."""
         data = self.train_data.state_dict() if self.train_data is not None else None
-        cut = self.engine.module.cut
-        layout = {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp,
-                  "parts": list(cut.parts), "inside": list(cut.inside)}
         # the micro-batches each stage has run, which key the layers' dropout seeds (streams.LayerSeeds)
         micro_batches = self.engine.module.micro_offset
-        return {"config": config_to_dict(self.cfg), "layout": layout,
+        return {"config": config_to_dict(self.cfg), "layout": self._layout_record(),
                 "data": data, "mixture": self.mixture, "dataset_fingerprint": self.fingerprint,
                 "code_version": checkpointing.code_version(), "val_bpb": self.val_bpb,
                 "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                 "recent_losses": list(self.spikes.losses), "micro_batches": micro_batches}
+
+    def _layout_record(self) -> dict[str, Any]:
+        """The layout and the stage boundaries (`PipelineCut`) a checkpoint is saved at."""
+        cut = self.engine.module.cut
+        return {"pp": self.layout.pp, "tp": self.layout.tp, "dp": self.layout.dp,
+                "parts": list(cut.parts), "inside": list(cut.inside)}
 
     def last_good_tag(self) -> Path | None:
         """The newest complete checkpoint of this run: `latest` under --save, else the --load one."""
@@ -315,18 +318,17 @@ class Trainer:
 
     def _load_engine(self, tag: Path, client: dict[str, Any]) -> None:
         """The model, optimizer, LR schedule, step count and RNG state of `tag`."""
-        saved = client["layout"]
+        saved, here = client["layout"], self._layout_record()
         # DeepSpeed's own files fit only the layout and stage boundaries they were saved at
         # (checkpoints from before the boundaries were recorded are resharded; those from
         # before a stage could start inside a block have none inside)
-        cut = self.engine.module.cut
-        here = (self.layout.pp, self.layout.tp, list(cut.parts), list(cut.inside))
-        same = (saved["pp"], saved["tp"], saved.get("parts"), saved.get("inside", [])) == here
+        same = all(saved.get(key, [] if key == "inside" else None) == here[key]
+                   for key in ("pp", "tp", "parts", "inside"))
         if is_universal(tag) or not same:
             load_resharded(self.engine, tag, client)
             # no RNG state fits another layout: new streams, not a replay of step 0's
             seed_everything(self.cfg.train.seed + self.engine.global_steps)
-            if self.layout.tp > 1:
+            if self.engine.module.rank_streams:
                 seed_rank_stream(self.cfg.train.seed + self.engine.global_steps, self.tp_rank)
         else:
             self._load_same_layout(tag, same_dp=saved["dp"] == self.layout.dp)
