@@ -101,8 +101,9 @@ def test_with_layout_invariant_dropout_tensor_parallel_ranks_draw_the_masks_of_o
     """`parallel.layout_invariant_dropout`: every tp rank draws whole masks and keeps its slice,
     so pp=2 x tp=2 cut inside the local model (each rank's patches, with their halo) and
     cut inside global block 2 (each rank's heads) give the 1-rank losses with dropout, the
-    replicated weights staying bitwise equal over tp, and one rank resumed from the first's
-    step-2 checkpoint goes on with the same masks."""
+    replicated weights staying bitwise equal over tp, also with activation checkpointing
+    (bitwise), and one rank resumed from the first's step-2 checkpoint goes on with the
+    same masks."""
     options = [*CROSS_PATCH, "--set", "model.dropout=0.1", "--set", "parallel.layout_invariant_dropout=true",
                "--save-interval", "2"]
     one = pretrain("1 rank, dropout", "python", 1, [*options, *batch(2, 2)], tiny_shards, tmp_path / "one")
@@ -114,6 +115,11 @@ def test_with_layout_invariant_dropout_tensor_parallel_ranks_draw_the_masks_of_o
         runs[name] = pretrain(f"{name}, dropout", launcher, ranks, [*options, *layout], tiny_shards, tmp_path / name)
         assert max(relative_gaps(one.losses(), runs[name].losses())) < 1e-5, name  # own streams: 3.7e-4
         assert replicas_that_differ(runs[name].dir / "ckpt" / "global_step4") == []
+    launcher, ranks, layout, *_ = LAYOUTS["pp=2 x tp=2"]
+    recomputed = pretrain("pp=2 x tp=2, dropout, checkpointed", launcher, ranks,
+                          [*options, *layout, "--set", "train.activation_checkpointing=true"], tiny_shards,
+                          tmp_path / "ac")
+    assert recomputed.losses() == runs["pp=2 x tp=2"].losses()
     ckpt = tmp_path / "at2"
     shutil.copytree(runs["pp=2 x tp=2"].dir / "ckpt", ckpt)
     (ckpt / "latest").write_text("global_step2")
