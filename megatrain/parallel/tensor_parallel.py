@@ -3,8 +3,9 @@
 A column-parallel linear holds a slice of the output features (for attention: a
 slice of the heads), the row-parallel linear after it the matching slice of the
 input features. The pair costs one all-reduce forward (after the row-parallel
-matmul) and one backward (before the column-parallel one). The model's layers are
-not changed: `shard_block` swaps a dense block's four linears for this rank's shards.
+matmul) and one backward (of the column-parallel one's input gradient, running while
+that linear computes its weight gradient, as Megatron overlaps it). The model's layers
+are not changed: `shard_block` swaps a dense block's four linears for this rank's shards.
 """
 
 from __future__ import annotations
@@ -75,13 +76,39 @@ class _ShardedLinear(nn.Linear):
         self.group = group
 
 
+class _ColumnParallelLinear(torch.autograd.Function):
+    """x W^T for a replicated x; backward sums x's gradient over the group while it computes
+    W's (Megatron's overlap of the all-reduce with the weight-gradient matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+            x, weight = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.group = group
+        with torch.autocast(kind, enabled=False):
+            return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_x = grad.matmul(weight)
+        summed = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        summed.wait()
+        return grad_x, grad_weight, None
+
+
 class ColumnParallelLinear(_ShardedLinear):
     """y_rank = x W_rank^T with W_rank this rank's rows of W; x is replicated over the group."""
 
     partition_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_group(x, self.group), self.weight)
+        return _ColumnParallelLinear.apply(x, self.weight, self.group)
 
 
 class RowParallelLinear(_ShardedLinear):

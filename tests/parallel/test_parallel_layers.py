@@ -35,28 +35,33 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def tensor_parallel_block(rank: int, size: int) -> dict[str, float]:
-    """Largest gaps between a sharded global block and the dense one: output, input and weight grads."""
+def tensor_parallel_block(rank: int, size: int, dtype: torch.dtype = torch.float64,
+                          autocast: bool = False) -> dict[str, float]:
+    """Largest gaps between a sharded global block and the dense one: output, input and weight grads
+    (and whether every gradient has its tensor's dtype)."""
     group = dist.group.WORLD
-    dense = build_layer(SMALL, 1, SEED).double()
-    sharded = shard_block(build_layer(SMALL, 1, SEED).double(), group)
+    dense = build_layer(SMALL, 1, SEED).to(dtype)
+    sharded = shard_block(build_layer(SMALL, 1, SEED).to(dtype), group)
     torch.manual_seed(0)  # the same input and output weights on every rank
-    h = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=torch.float64)
+    h = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=dtype)
     x = torch.zeros(2, SMALL.seq_len, dtype=torch.long)
-    probe = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=torch.float64)
+    probe = torch.randn(2, 1, SMALL.num_patches, SMALL.global_dim, dtype=dtype)
     grads, outs = [], []
     for block in (dense, sharded):
         h_in = h.clone().requires_grad_()
-        out, _ = block((h_in, x))
-        (out * probe).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = block((h_in, x))
+        (out.to(dtype) * probe).sum().backward()
         grads.append(h_in.grad)
-        outs.append(out)
+        outs.append(out.to(dtype))
     gaps = {"output": max_diff(*outs), "input_grad": max_diff(*grads)}
     for name, p in sharded.named_parameters():
         g = dict(dense.named_parameters())[name].grad
         if getattr(p, "tensor_model_parallel", False):
             g = shard_weight(name, g, rank, size)
         gaps[f"grad {name}"] = max_diff(p.grad, g)
+    gaps["grads_in_own_dtype"] = float(all(p.grad.dtype == p.dtype for p in sharded.parameters())
+                                       and grads[1].dtype == dtype)
     kinds = {type(m) for m in sharded.modules()}
     gaps["heads_per_rank"] = sharded.attn.qkv.out_features // (3 * sharded.attn.head_dim)
     gaps["sharded_types"] = float({ColumnParallelLinear, RowParallelLinear} <= kinds)
@@ -169,7 +174,10 @@ def attention_dropout_masks(rank: int, size: int) -> dict[str, bool]:
 
 
 def all_checks(rank: int, size: int) -> dict:
-    return {"tp": tensor_parallel_block(rank, size), "rng": random_streams(rank, size),
+    return {"tp": tensor_parallel_block(rank, size),
+            "tp_bf16": tensor_parallel_block(rank, size, torch.bfloat16),
+            "tp_autocast": tensor_parallel_block(rank, size, torch.float32, autocast=True),
+            "rng": random_streams(rank, size),
             "attention_rng": attention_dropout_masks(rank, size),
             "local": {name: patch_parallel_local_model(rank, size, name) for name in LOCAL_VARIANTS}}
 
@@ -179,13 +187,17 @@ def per_rank():
     return run_ranks(all_checks, 2)  # one launch for every check in this module
 
 
-def test_tensor_parallel_block_equals_dense(per_rank):
-    for rank, gaps in enumerate(r["tp"] for r in per_rank):
+@pytest.mark.parametrize("kind, tolerance", [("tp", 1e-12), ("tp_bf16", 0.05), ("tp_autocast", 0.05)])
+def test_tensor_parallel_block_equals_dense(per_rank, kind, tolerance):
+    """In float64 to rounding; in bf16 weights, and in fp32 ones under bf16 autocast, within
+    bf16's rounding of the partial sums (each gradient in its tensor's dtype)."""
+    for rank, gaps in enumerate(r[kind] for r in per_rank):
         assert gaps.pop("sharded_types") == 1.0
         assert gaps.pop("heads_per_rank") == SMALL.global_heads // 2
+        assert gaps.pop("grads_in_own_dtype") == 1.0
         assert any(k.startswith("grad attn.qkv") for k in gaps)
         for what, gap in gaps.items():
-            assert gap < 1e-12, f"rank {rank}: {what} differs by {gap}"
+            assert gap < tolerance, f"rank {rank}: {what} differs by {gap}"
 
 
 def test_local_dropout_keeps_the_global_random_stream_in_sync(per_rank):
