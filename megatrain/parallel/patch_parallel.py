@@ -16,7 +16,9 @@ patches of every sequence, on whichever pipeline stages hold its layers:
   parallelism;
 - dropout in the local model draws from the random stream of each rank's own
   (`streams.run_in_rank_stream`), so that the ranks' patches get independent masks
-  while the global model's stream advances alike on every rank of the group.
+  while the global model's stream advances alike on every rank of the group; with
+  `layout_invariant_dropout` each rank instead keeps its share's slice of the whole
+  masks (`masks.draw_patch_slices`).
 
 With cross-patch attention (r > 0) a patch depends on its predecessor at every
 local layer, so each rank also recomputes a halo of preceding patches, as many as

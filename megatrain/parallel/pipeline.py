@@ -11,7 +11,7 @@ their code:
   between its branches is a `BlockBranch` on each of the two stages;
 - on every stage the global blocks' linears are swapped for tensor-parallel shards
   (`shard_block`), their attention (this rank's heads) running in the rank's own random
-  stream (`streams`);
+  stream (`streams`), or keeping its heads' slice of the whole masks (`masks`);
 - the local model (the first StageInput to the Head) is replicated over the tensor-parallel
   group: each rank takes its share of the patches at the first local layer
   (`patch_parallel`) and carries that share through the following stages, so the
