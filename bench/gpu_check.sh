@@ -24,13 +24,15 @@
 #                    transformer with as many block parameters, PLAIN_DIM wide
 #   pretrain-long    megabyte-1m through launch/pretrain.py, 2 steps of one sequence
 #   local-attention  bench/local_attention.py (SDPA against matmul + masked softmax) if present
+#   bench-long-half  megabyte-1m recomputing only HALF_BLOCKS (4) of its blocks, the local
+#                    model's: faster than bench-long where memory allows (train.checkpoint_blocks)
 #   bench-text-mb12  text-1b at micro-batch 12 (x 4 per step)
 #   bench-text-nodrop  text-1b without dropout
 #   bench-long-nockpt  megabyte-1m without activation checkpointing (out of memory is a figure)
 #
 # Settings (environment): DEVICE (cuda; cpu for the tests), PARTS (a subset, in the order
 # above), TEXT_CONFIG, LONG_CONFIG, STEPS (timed bench steps, 3), PRETRAIN_STEPS (6),
-# GEN_BYTES (8192), PLAIN_DIM (2048), BUDGET_S (450), PYTHON, WHEELS, LAUNCHER.
+# GEN_BYTES (8192), PLAIN_DIM (2048), HALF_BLOCKS (4), BUDGET_S (450), PYTHON, WHEELS, LAUNCHER.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -42,8 +44,8 @@ trap 'rm -rf "$work"' EXIT
 start_s=$(date +%s)
 deadline=$(( start_s + ${BUDGET_S:-450} ))
 DEVICE=${DEVICE:-cuda}
-ALL_PARTS="bench-text pretrain-text bench-long generation pretrain-long local-attention bench-text-mb12 bench-text-nodrop
-    bench-long-nockpt"
+ALL_PARTS="bench-text pretrain-text bench-long generation pretrain-long local-attention bench-long-half bench-text-mb12
+    bench-text-nodrop bench-long-nockpt"
 PARTS=" $(echo ${PARTS:-$ALL_PARTS}) "  # one space between names, and around them
 TEXT_CONFIG=${TEXT_CONFIG:-configs/megabyte-text-1b.yaml}
 LONG_CONFIG=${LONG_CONFIG:-configs/megabyte-1m.yaml}
@@ -181,7 +183,8 @@ if (( part_rc != 0 && part_s < 60 )) && [ "$launcher" = deepspeed ] && [ ! -s "$
     pretrain "$TEXT_CONFIG" "$out/pretrain-text.jsonl" "${PRETRAIN_STEPS:-6}"
     PARTS="$PARTS pretrain-text-env " run_part pretrain-text-env 240 "${cmd[@]}"
 fi
-run_part bench-long 100 "${bench[@]}" --config "$LONG_CONFIG" --figures train --steps 2 --set train.grad_accum_steps=2
+long=(--config "$LONG_CONFIG" --figures train --steps 2 --set train.grad_accum_steps=2)
+run_part bench-long 100 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=true
 run_part generation 150 "${bench[@]}" --config "$TEXT_CONFIG" --figures generation --generators cached,plain \
     --gen-bytes "${GEN_BYTES:-8192}" --plain-dim "${PLAIN_DIM:-2048}"
 pretrain "$LONG_CONFIG" "$out/pretrain-long.jsonl" 2 --set train.grad_accum_steps=1
@@ -191,10 +194,11 @@ if [ -f bench/local_attention.py ]; then
 elif [[ $PARTS == *" local-attention "* ]]; then
     say "local-attention    skipped: no bench/local_attention.py in this checkout"
 fi
+run_part bench-long-half 90 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=true \
+    --set train.checkpoint_blocks="${HALF_BLOCKS:-4}"
 run_part bench-text-mb12 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set train.micro_batch_size=12
 run_part bench-text-nodrop 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set model.dropout=0.0
-run_part bench-long-nockpt 90 "${bench[@]}" --config "$LONG_CONFIG" --figures train --steps 2 \
-    --set train.grad_accum_steps=2 --set train.activation_checkpointing=false
+run_part bench-long-nockpt 90 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=false
 
 # --- what it measured, against the goals -----------------------------------------------------
 "$py" bench/gpu_summary.py "$out" | tee -a "$out/summary.txt"

@@ -37,7 +37,7 @@ def goal(text, met):
 device = next((l["device"] for p in sorted(out.glob("*.out")) for l in lines(p.name) if "device" in l), "?")
 print(f"figures on {device}:")
 trained = {}
-for part in ("bench-text", "bench-text-mb12", "bench-text-nodrop", "bench-long", "bench-long-nockpt"):
+for part in ("bench-text", "bench-text-mb12", "bench-text-nodrop", "bench-long", "bench-long-half", "bench-long-nockpt"):
     t = figure(part, "train")
     if t and "error" not in t:
         trained[part] = t
@@ -62,5 +62,10 @@ for part in ("bench-text", "pretrain-text"):
 for part in ("bench-long", "pretrain-long"):
     if figure(part, "train") or lines(f"{part}.jsonl"):
         goal(f"megabyte-1m trains with activation checkpointing ({part})", part in trained)
+if "bench-long" in trained and "bench-long-half" in trained:
+    half, every = trained["bench-long-half"], trained["bench-long"]
+    print(f"  megabyte-1m recomputing {half['recomputed_blocks']} of its blocks against all "
+          f"{every['recomputed_blocks']}: {half['train_bytes_per_s'] / every['train_bytes_per_s']:.2f}x the bytes/s, "
+          f"{half['peak_memory_gib']:.1f} against {every['peak_memory_gib']:.1f} GiB")
 if g:
     goal("generating 8,192 bytes >= 1.4x a same-size plain transformer", g["gen_vs_plain_transformer"] >= 1.4)

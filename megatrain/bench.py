@@ -14,9 +14,10 @@ measured. With --json the last line ("figure": "report") holds every figure in o
 Training ("train", after a "train_step" line per optimizer step) is the trainer's optimizer
 step on random bytes: train.accumulation_steps(dp=1) micro-batches of micro_batch_size, each
 loss divided by their number, gradients clipped to grad_clip, AdamW (fused on CUDA), bf16
-autocast where train.precision is bf16 and every block's activations recomputed in the backward
-pass where train.activation_checkpointing is set. The model is built on the device itself
-(`build_model`): text-1b's initialisation alone takes about a minute on a CPU.
+autocast where train.precision is bf16, and the blocks' activations recomputed in the backward
+pass where train.activation_checkpointing is set (train.checkpoint_blocks of them, as on one
+pipeline stage). The model is built on the device itself (`build_model`): text-1b's
+initialisation alone takes about a minute on a CPU.
 MFU is model FLOPs (megatrain.parallel.cost: 6 * (N_global / P + N_local) plus attention, per
 byte) times bytes/s over the device's matmul peak measured in the same run ("mfu"), and over
 its datasheet's dense bf16 peak ("mfu_datasheet", bf16 runs on the devices of
@@ -53,7 +54,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatrain.config import ConfigError, RunConfig, TrainConfig, load_config
-from megatrain.model import Megabyte, MegabyteConfig, StageBlock, bytes_loss
+from megatrain.model import Megabyte, MegabyteConfig, bytes_loss
 from megatrain.model.decoding import PreallocatedKVCache, generate
 from megatrain.model.layers import Block
 
@@ -61,7 +62,7 @@ from megatrain.model.layers import Block
 # be stderr, so that stdout holds the figures alone.
 with contextlib.redirect_stdout(sys.stderr):
     from megatrain.bench_parallel import ParallelLayout, parallel_figure
-    from megatrain.parallel.cost import model_flops_per_byte
+    from megatrain.parallel.cost import model_flops_per_byte, recomputed_blocks
     from megatrain.train.metrics import (datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                                          peak_memory_bytes, synchronize)
 
@@ -113,9 +114,12 @@ class Checkpointed(nn.Module):
         return checkpoint(self.layer, state, use_reentrant=False)
 
 
-def checkpoint_blocks(model: Megabyte) -> None:
-    """Activation checkpointing of every transformer block, as the trainer's pipeline does."""
-    model.layers = nn.ModuleList(Checkpointed(m) if isinstance(m, StageBlock) else m for m in model.layers)
+def checkpoint_blocks(model: Megabyte, count: int | None = None) -> list[int]:
+    """Activation checkpointing of `count` transformer blocks (all when None), those the
+    trainer's pipeline would pick on one stage; returns their layer indices."""
+    recomputed = recomputed_blocks(model.config, range(len(model.layers)), count)
+    model.layers = nn.ModuleList(Checkpointed(m) if i in recomputed else m for i, m in enumerate(model.layers))
+    return recomputed
 
 
 def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device: torch.device, warmup: int = 2,
@@ -124,8 +128,7 @@ def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device
     untimed ones; a "train_step" line for every step as it ends."""
     dtype = precision_dtype(train)
     model = build_model(cfg, device).train()
-    if train.activation_checkpointing:
-        checkpoint_blocks(model)
+    recomputed = checkpoint_blocks(model, train.checkpoint_blocks) if train.activation_checkpointing else []
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
                             weight_decay=train.weight_decay, fused=device.type == "cuda")
     accumulation = train.accumulation_steps(1)
@@ -152,7 +155,8 @@ def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device
         timed += seconds if i >= warmup else 0.0
         emit("train_step", {"step": i + 1, "warmup": i < warmup, "step_s": seconds, "bytes_per_s": step_bytes / seconds})
     return {"micro_batch_size": train.micro_batch_size, "accumulation_steps": accumulation,
-            "activation_checkpointing": train.activation_checkpointing, "bytes_per_step": step_bytes,
+            "activation_checkpointing": train.activation_checkpointing, "recomputed_blocks": len(recomputed),
+            "bytes_per_step": step_bytes,
             "timed_steps": steps, "step_s": timed / steps, "train_bytes_per_s": steps * step_bytes / timed,
             "params": sum(p.numel() for p in model.parameters())}
 

@@ -52,6 +52,11 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 1234
     activation_checkpointing: bool = False
+    # With activation_checkpointing, how many transformer blocks of each pipeline stage
+    # recompute their activations in the backward pass (null: all); the rest keep them, which
+    # is faster where memory allows. The blocks that keep the most activations per FLOP of
+    # recomputation go first: the local model's (`megatrain.parallel.cost.recomputed_blocks`).
+    checkpoint_blocks: int | None = None
     # torch.compile each transformer block (state-dict names unchanged); measured no gain on
     # CPU (docs/PERFORMANCE.md), not yet measured on a GPU
     compile: bool = False
@@ -79,6 +84,11 @@ class TrainConfig:
         """(field, message) for each inconsistency; empty when the settings are usable."""
         out = [(name, f"must be positive, got {getattr(self, name)}")
                for name in ("micro_batch_size", "grad_accum_steps", "max_skipped_steps") if getattr(self, name) < 1]
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            out.append(("checkpoint_blocks", f"must be null (every block) or at least 0, got {self.checkpoint_blocks}"))
+        elif self.checkpoint_blocks is not None and not self.activation_checkpointing:
+            out.append(("checkpoint_blocks", f"is {self.checkpoint_blocks}, but activation_checkpointing is off: "
+                        "set train.activation_checkpointing=true for blocks to be recomputed"))
         if self.global_batch_size < 0:
             out.append(("global_batch_size", f"must be 0 (not fixed) or positive, got {self.global_batch_size}"))
         elif self.global_batch_size and self.grad_accum_steps != 1:

@@ -16,8 +16,8 @@ import zstandard
 from megatrain.bench_parallel import ParallelLayout, stage_lines
 from megatrain.bench import Checkpointed, PlainTransformer, block_params, build_model, checkpoint_blocks, main, scaling
 from megatrain.config import load_config
-from megatrain.model import Megabyte, bytes_loss
-from megatrain.parallel import layer_costs, pipeline_cut, stage_loads
+from megatrain.model import Megabyte, StageBlock, bytes_loss
+from megatrain.parallel import first_local_layer, layer_costs, pipeline_cut, stage_loads
 from megatrain.train.metrics import device_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,7 @@ def test_bench_prints_each_figure_as_a_json_line_naming_the_device():
     assert train["accumulation_steps"] == 2 and train["bytes_per_step"] == 2 * 4 * 256  # tiny: micro-batches of 4
     assert train["step_s"] == pytest.approx((steps[1]["step_s"] + steps[2]["step_s"]) / 2)
     assert 0 < train["mfu"] < 1 and "mfu_datasheet" not in train and train["peak_memory_gib"] > 0
+    assert train["activation_checkpointing"] is False and train["recomputed_blocks"] == 0
     gen = lines[-2]
     assert [(r["generator"], r["round"]) for r in lines[6:12]] == [(g, r) for r in (1, 2)
                                                                     for g in ("cached", "uncached", "plain")]
@@ -120,11 +121,15 @@ def test_model_is_built_on_the_device_itself():
     assert not torch.equal(other_seed["layers.1.attn.qkv.weight"], expected["layers.1.attn.qkv.weight"])
 
 
-def test_activation_checkpointing_recomputes_every_block_to_the_same_gradients():
+@pytest.mark.parametrize("count", [None, 1])
+def test_activation_checkpointing_recomputes_blocks_to_the_same_gradients(count):
+    """Every block, or train.checkpoint_blocks of them: the local model's first."""
     cfg = load_config(TINY).model
     plain, checkpointed = build_model(cfg, torch.device("cpu")), build_model(cfg, torch.device("cpu"))
-    checkpoint_blocks(checkpointed)
-    assert sum(isinstance(m, Checkpointed) for m in checkpointed.layers) == cfg.global_layers + cfg.local_layers
+    blocks = [i for i, m in enumerate(plain.layers) if isinstance(m, StageBlock)]
+    expected = blocks if count is None else [first_local_layer(cfg) + 1]
+    assert checkpoint_blocks(checkpointed, count) == expected
+    assert [i for i, m in enumerate(checkpointed.layers) if isinstance(m, Checkpointed)] == expected
     x = torch.randint(0, 256, (2, cfg.seq_len))
     for model in (plain, checkpointed):
         bytes_loss(model(x), x).backward()
@@ -237,8 +242,9 @@ def test_gpu_check_installs_what_is_missing_from_a_folder_of_wheels(tmp_path):
 
 def test_gpu_check_runs_every_part_on_cpu_and_keeps_each_result(tmp_path, cpu_comm):
     """bench/gpu_check.sh, the one prepared run for a GPU machine, here on CPU with the tiny config."""
-    result = gpu_check(tmp_path, timeout=500, DEVICE="cpu", DS_ACCELERATOR="cpu", TEXT_CONFIG=TINY, STEPS="2",
-                       PRETRAIN_STEPS="2", GEN_BYTES="64", PLAIN_DIM="64", PARTS="bench-text pretrain-text generation")
+    result = gpu_check(tmp_path, timeout=500, DEVICE="cpu", DS_ACCELERATOR="cpu", TEXT_CONFIG=TINY, LONG_CONFIG=TINY,
+                       STEPS="2", PRETRAIN_STEPS="2", GEN_BYTES="64", PLAIN_DIM="64", HALF_BLOCKS="1",
+                       PARTS="bench-text pretrain-text bench-long generation bench-long-half")
     assert result.returncode == 0, result.stdout + result.stderr
     bench = [json.loads(line) for line in (tmp_path / "bench-text.out").read_text().splitlines()]
     assert [line["figure"] for line in bench] == ["device", *["train_step"] * 3, "train", "loader", "report"]
@@ -248,8 +254,12 @@ def test_gpu_check_runs_every_part_on_cpu_and_keeps_each_result(tmp_path, cpu_co
     gen = json.loads((tmp_path / "generation.out").read_text().splitlines()[-2])
     assert gen["figure"] == "generation" and gen["gen_bytes"] == 64 and "gen_uncached_bytes_per_s" not in gen
     summary = (tmp_path / "summary.txt").read_text()
-    for part in ("bench-text", "pretrain-text", "generation"):
+    for part in ("bench-text", "pretrain-text", "bench-long", "generation", "bench-long-half"):
         assert f"{part:18} ok in" in summary
+    long = {part: json.loads((tmp_path / f"{part}.out").read_text().splitlines()[-2]) for part in ("bench-long",
+                                                                                                  "bench-long-half")}
+    assert long["bench-long"]["recomputed_blocks"] == 4 and long["bench-long-half"]["recomputed_blocks"] == 1
+    assert "megabyte-1m recomputing 1 of its blocks against all 4: " in summary
     assert "goal text-1b MFU >= 50% of the measured matmul peak (pretrain-text)" in summary
     assert "gpu_check: 0 part(s) not ok" in summary
 

@@ -14,6 +14,7 @@ attention's scores are not kept, scaled_dot_product_attention recomputes them).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -117,3 +118,15 @@ def layer_costs(cfg: MegabyteConfig) -> list[LayerCost]:
 def model_flops_per_byte(cfg: MegabyteConfig) -> float:
     """Training FLOPs (forward + backward) of the whole model per byte of input."""
     return sum(c.flops_per_byte for c in layer_costs(cfg))
+
+
+def recomputed_blocks(cfg: MegabyteConfig, layers: Iterable[int], count: int | None) -> list[int]:
+    """Which transformer blocks among `layers` (a pipeline stage's) recompute their activations
+    in the backward pass, in forward order: `count` of them (every one when None), those that
+    keep the most activations per FLOP of recomputation first (the narrower local model's
+    before the global model's: each keeps about 16 x width per position for 24 x width^2
+    FLOPs), the first in forward order among equals."""
+    costs, specs = layer_costs(cfg), layer_specs(cfg)
+    blocks = [i for i in layers if specs[i][0] is StageBlock]
+    by_saving = sorted(blocks, key=lambda i: -costs[i].activations / costs[i].flops_per_byte)
+    return sorted(by_saving if count is None else by_saving[:count])

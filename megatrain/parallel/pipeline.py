@@ -42,6 +42,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, residual_branch, tie_local_embedding
 
 from .layout import Layout
+from .cost import recomputed_blocks
 from .masks import draw_head_slices, draw_patch_slices, draw_whole_masks
 from .partition import PipelineCut, pipeline_cut
 from .patch_parallel import PatchParallelLoss, SplitPatches, patch_share
@@ -129,8 +130,12 @@ class MegabytePipeline(PipelineModule):
 
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
                  partition_method: str = "flops", activation_checkpoint_interval: int = 0,
-                 compile_blocks: bool = False, layout_invariant_dropout: bool = False) -> None:
+                 compile_blocks: bool = False, layout_invariant_dropout: bool = False,
+                 checkpoint_blocks: int | None = None) -> None:
+        """activation_checkpoint_interval 1 recomputes the activations of `checkpoint_blocks` of
+        each stage's blocks in the backward pass (all when None; `recomputed_blocks` picks them)."""
         self.config, self.compile_blocks = cfg, compile_blocks
+        self.checkpoint_blocks = checkpoint_blocks if activation_checkpoint_interval else 0
         # Under tensor parallelism the sharded regions draw from each rank's own stream,
         # unless every rank draws whole masks and keeps its slice (`masks`).
         self.whole_masks = layout_invariant_dropout
@@ -139,7 +144,6 @@ class MegabytePipeline(PipelineModule):
         specs = [_SeededLayerSpec(cfg, i, seed, self._adapt) for i in range(len(layer_specs(cfg)))]
         super().__init__(specs, topology=layout.topology(), partition_method=partition_method,
                          activation_checkpoint_interval=activation_checkpoint_interval,
-                         checkpointable_layers=["StageBlock", "BlockBranch"],
                          seed_layers=self.layer_seeds is not None, seed_fn=self.layer_seeds,
                          base_seed=LAYER_KEY_STRIDE)
         self._local_params: list[nn.Parameter] = []
@@ -147,6 +151,9 @@ class MegabytePipeline(PipelineModule):
         if self.rank_streams:
             seed_rank_stream(seed, self.tp_rank)
         self._set_up_local_model(seed)
+        self._recomputed = {self.forward_funcs[i - self._local_start] for i in self.recomputed(self.stage_id)}
+        if activation_checkpoint_interval:
+            self._precompute_checkpointable_values()  # as the engine does: the module runs alone too
 
     @property
     def tp_group(self):
@@ -182,6 +189,14 @@ class MegabytePipeline(PipelineModule):
             layer.compile()  # in place: the parameters keep their names
         return layer
 
+    def recomputed(self, stage: int) -> list[int]:
+        """The layers of `stage` whose activations are recomputed in the backward pass."""
+        return recomputed_blocks(self.config, self.cut.layers(stage), self.checkpoint_blocks)
+
+    def _is_checkpointable(self, funcs: list[nn.Module]) -> bool:
+        # DeepSpeed's own choice (by class name) would take every block of the stage.
+        return all(f in self._recomputed for f in funcs)
+
     def _draw_masks_as_one_rank(self, index: int, layer: nn.Module) -> None:
         cfg = self.config
         if self.tp_size > 1 and index in tensor_parallel_layers(cfg):
@@ -199,8 +214,9 @@ class MegabytePipeline(PipelineModule):
         self._set_bounds(start=layers.start, stop=layers.stop)
         if self.global_rank == 0:
             for s in range(self.num_stages):
+                recomputed = self.recomputed(s)
                 names = [repr(self._layer_specs[i]) + (f".{b}" if (b := self.cut.branch(s, i)) else "")
-                         for i in self.cut.layers(s)]
+                         + (" (recomputed)" if i in recomputed else "") for i in self.cut.layers(s)]
                 logger.info(f"pipeline stage {s}: {', '.join(names)}")
 
     # A branch's files are named apart from the other branch's, which the other stage saves.

@@ -75,9 +75,9 @@ def data_options(data: DataConfig, values: list[str]) -> DataConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.verbose:
-        from deepspeed.utils import logger
-        logger.setLevel(logging.WARNING)
+    from deepspeed.utils import logger
+    for log in (logger, *logger.handlers):  # its default level differs between DeepSpeed versions
+        log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     trainer = None
     try:
         cfg = resolve_config(args)

@@ -140,7 +140,7 @@ class Trainer:
         resume_tag = self._resume_tag() if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
-                                 compile_blocks=cfg.train.compile,
+                                 checkpoint_blocks=cfg.train.checkpoint_blocks, compile_blocks=cfg.train.compile,
                                  layout_invariant_dropout=cfg.parallel.layout_invariant_dropout)
         model.to(get_accelerator().current_device_name())  # first: a fused optimizer needs its parameters there
         self.engine, *_ = deepspeed.initialize(
