@@ -3,10 +3,12 @@
 For each layout ("1", "pp2", "tp2", "dp2", "pp2xtp2", ...) it prints one "stage" line per
 pipeline stage, from `megatrain.parallel.cost` (its layers, its share of the FLOPs,
 its parameters and the activations it keeps per sequence of a micro-batch, both on one
-of its ranks), then a "parallel" line: the stage FLOPs balance (max / mean) and the
-step time measured by running `launch/pretrain.py` on that many ranks of this machine
-(random-free: the standard library's sources as data unless --data), the median of
-the timed steps, and the speed-up over the first layout.
+of its ranks, where blocks recomputed under train.activation_checkpointing keep their inputs
+and one of them its whole activations again in the backward pass), then a "parallel" line:
+the stage FLOPs balance (max / mean) and the step time measured by running
+`launch/pretrain.py` on that many ranks of this machine (random-free: the standard library's
+sources as data unless --data), the median of the timed steps, and the speed-up over the
+first layout.
 
 On a CPU each rank gets one thread (`OMP_NUM_THREADS=1`), so that a layout of n ranks
 has n times the cores of one rank, as n GPUs would. Compare layouts at one global
@@ -32,7 +34,8 @@ import torch
 
 from megatrain.config import RunConfig
 from megatrain.model import MegabyteConfig, StageBlock, layer_specs
-from megatrain.parallel import Piece, first_local_layer, pieces, pipeline_cut
+from megatrain.parallel import (Piece, first_local_layer, pieces, pipeline_cut, recomputed_activations,
+                                recomputed_blocks)
 from megatrain.parallel.pipeline import tensor_parallel_layers
 from megatrain.train.distributed import free_port
 
@@ -96,13 +99,19 @@ def stage_lines(run: RunConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
     lines = []
     for stage, held in enumerate(cut.stage_pieces(cfg)):
         params = sum(p.cost.params / (layout.tp if p.layer in sharded else 1) for p in held)
-        activations = sum(p.cost.activations / (layout.tp if p.layer >= local else 1) for p in held) * micro
         layers = cut.layers(stage)
+        recomputed = recomputed_blocks(cfg, layers, run.train.checkpoint_blocks) \
+            if run.train.activation_checkpointing else []
+        share = {i: 1 / layout.tp if i >= local else 1 for i in layers}
+        full = {i: sum(p.cost.activations for p in held if p.layer == i) * share[i] for i in layers}
+        kept = sum(recomputed_activations(cfg, i) * share[i] if i in recomputed else full[i] for i in layers)
+        # a recomputed block's activations exist again while its backward runs, one block at a time
+        activations = (kept + max((full[i] for i in recomputed), default=0)) * micro
         lines.append({"layout": layout.name, "stage": stage, "layers": f"{layers.start}-{layers.stop - 1}",
                       "holds": describe_pieces(cfg, held),
                       "flops_share": sum(p.cost.flops_per_byte for p in held) / total,
                       "params_m": params / 1e6, "param_mib": params * BYTES_PER_VALUE / 2**20,
-                      "activation_mib": activations * BYTES_PER_VALUE / 2**20})
+                      "recomputed_blocks": len(recomputed), "activation_mib": activations * BYTES_PER_VALUE / 2**20})
     return lines
 
 

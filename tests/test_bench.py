@@ -172,6 +172,16 @@ def test_parallel_figure_gives_each_stage_its_layers_flops_and_memory():
     local_activations = sum(c.activations for c in costs[parts[1]:])  # split over tp with the patches
     micro = run.train.micro_batch_size
     assert stages[1]["activation_mib"] * 2**20 == pytest.approx(local_activations * micro / 2 * 4)  # fp32
+    # every block recomputed: each keeps its input [B, K, D_G] or [B*K, P, D_L] (the local model split
+    # over tp), and the largest block's activations are back while its backward runs
+    recomputing = load_config(TINY, ["train.activation_checkpointing=true"])
+    first = stage_lines(recomputing, ParallelLayout(pp=2, tp=2))[0]
+    inputs = 2 * cfg.global_dim * cfg.num_patches + cfg.local_dim * cfg.seq_len / 2
+    kept = costs[0].activations + costs[3].activations / 2 + inputs
+    again = max(costs[1].activations, costs[4].activations / 2)
+    assert first["recomputed_blocks"] == 3 and stages[0]["recomputed_blocks"] == 0
+    assert first["activation_mib"] * 2**20 == pytest.approx((kept + again) * micro * 4)
+    assert first["activation_mib"] < stages[0]["activation_mib"]
     # at pp=3 a stage boundary falls between local block 5's branches
     assert [s["holds"] for s in stage_lines(run, ParallelLayout(pp=3))] == [
         "GlobalEmbedding, 2 global blocks, StageInput", "1 local block, local block attention (layer 5)",

@@ -10,7 +10,8 @@
   block's branches) by FLOPs or memory.
 """
 
-from .cost import LayerCost, Piece, layer_costs, model_flops_per_byte, pieces, recomputed_blocks
+from .cost import (LayerCost, Piece, layer_costs, model_flops_per_byte, pieces, recomputed_activations,
+                   recomputed_blocks)
 from .layout import Layout, LayoutError, layout_problems, plan_layout
 from .patch_parallel import PatchParallelLoss, PatchShare, SplitPatches, patch_share, run_on_share
 from .partition import PipelineCut, min_max_cut, pipeline_cut, stage_loads
@@ -21,7 +22,7 @@ from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_bloc
 
 __all__ = [
     "LayerCost", "Piece", "pieces", "PipelineCut", "pipeline_cut", "layer_costs", "model_flops_per_byte",
-    "recomputed_blocks",
+    "recomputed_activations", "recomputed_blocks",
     "Layout", "LayoutError", "layout_problems",
     "plan_layout", "PatchParallelLoss", "PatchShare", "SplitPatches", "patch_share",
     "run_on_share", "min_max_cut", "stage_loads", "MegabytePipeline", "byte_input_layer", "replicated_activations_only",

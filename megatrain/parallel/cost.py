@@ -9,7 +9,8 @@ bytes does 6 * (its matmul parameters) / p, plus attention 12 * width * context 
 
 Activations are the elements a layer keeps for backward per sequence (about 16 x width
 per position for a block: norms, q/k/v, attention output, the MLP's 4x hidden twice;
-attention's scores are not kept, scaled_dot_product_attention recomputes them).
+attention's scores are not kept, scaled_dot_product_attention recomputes them). A block
+whose activations are recomputed keeps its input alone (1 x width per position).
 """
 
 from __future__ import annotations
@@ -130,3 +131,9 @@ def recomputed_blocks(cfg: MegabyteConfig, layers: Iterable[int], count: int | N
     blocks = [i for i in layers if specs[i][0] is StageBlock]
     by_saving = sorted(blocks, key=lambda i: -costs[i].activations / costs[i].flops_per_byte)
     return sorted(by_saving if count is None else by_saving[:count])
+
+
+def recomputed_activations(cfg: MegabyteConfig, layer: int) -> int:
+    """What block `layer` keeps for backward per sequence when it is recomputed: its input."""
+    s = cfg.stages[layer_specs(cfg)[layer][1][1]]
+    return s.dim * (cfg.seq_len // s.patch_size)
