@@ -4,7 +4,8 @@ For each layout ("1", "pp2", "tp2", "dp2", "pp2xtp2", ...) it prints one "stage"
 pipeline stage, from `megatrain.parallel.cost` (its layers, its share of the FLOPs,
 its parameters and the activations it keeps per sequence of a micro-batch, both on one
 of its ranks, where blocks recomputed under train.activation_checkpointing keep their inputs
-and one of them its whole activations again in the backward pass), then a "parallel" line:
+and one of them its whole activations again in the backward pass; "activation_peak_mib"
+those of the micro-batches in flight at once in the 1F1B schedule), then a "parallel" line:
 the stage FLOPs balance (max / mean) and the step time measured by running
 `launch/pretrain.py` on that many ranks of this machine (random-free: the standard library's
 sources as data unless --data), the median of the timed steps, and the speed-up over the
@@ -106,12 +107,17 @@ def stage_lines(run: RunConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
         full = {i: sum(p.cost.activations for p in held if p.layer == i) * share[i] for i in layers}
         kept = sum(recomputed_activations(cfg, i) * share[i] if i in recomputed else full[i] for i in layers)
         # a recomputed block's activations exist again while its backward runs, one block at a time
-        activations = (kept + max((full[i] for i in recomputed), default=0)) * micro
+        again = max((full[i] for i in recomputed), default=0)
+        # 1F1B: this stage runs the forward of up to pp - stage micro-batches before their backward
+        in_flight = min(layout.pp - stage, run.train.accumulation_steps(layout.dp))
         lines.append({"layout": layout.name, "stage": stage, "layers": f"{layers.start}-{layers.stop - 1}",
                       "holds": describe_pieces(cfg, held),
                       "flops_share": sum(p.cost.flops_per_byte for p in held) / total,
                       "params_m": params / 1e6, "param_mib": params * BYTES_PER_VALUE / 2**20,
-                      "recomputed_blocks": len(recomputed), "activation_mib": activations * BYTES_PER_VALUE / 2**20})
+                      "recomputed_blocks": len(recomputed),
+                      "activation_mib": (kept + again) * micro * BYTES_PER_VALUE / 2**20,
+                      "micro_batches_in_flight": in_flight,
+                      "activation_peak_mib": (kept * in_flight + again) * micro * BYTES_PER_VALUE / 2**20})
     return lines
 
 

@@ -174,14 +174,19 @@ def test_parallel_figure_gives_each_stage_its_layers_flops_and_memory():
     assert stages[1]["activation_mib"] * 2**20 == pytest.approx(local_activations * micro / 2 * 4)  # fp32
     # every block recomputed: each keeps its input [B, K, D_G] or [B*K, P, D_L] (the local model split
     # over tp), and the largest block's activations are back while its backward runs
-    recomputing = load_config(TINY, ["train.activation_checkpointing=true"])
-    first = stage_lines(recomputing, ParallelLayout(pp=2, tp=2))[0]
+    recomputing = load_config(TINY, ["train.activation_checkpointing=true", "train.grad_accum_steps=4"])
+    first, last = stage_lines(recomputing, ParallelLayout(pp=2, tp=2))
     inputs = 2 * cfg.global_dim * cfg.num_patches + cfg.local_dim * cfg.seq_len / 2
     kept = costs[0].activations + costs[3].activations / 2 + inputs
     again = max(costs[1].activations, costs[4].activations / 2)
     assert first["recomputed_blocks"] == 3 and stages[0]["recomputed_blocks"] == 0
     assert first["activation_mib"] * 2**20 == pytest.approx((kept + again) * micro * 4)
     assert first["activation_mib"] < stages[0]["activation_mib"]
+    # in 1F1B the first of two stages holds the kept activations of 2 micro-batches, the last of 1
+    assert [first["micro_batches_in_flight"], last["micro_batches_in_flight"]] == [2, 1]
+    assert first["activation_peak_mib"] * 2**20 == pytest.approx((2 * kept + again) * micro * 4)
+    assert last["activation_peak_mib"] == last["activation_mib"]
+    assert [s["micro_batches_in_flight"] for s in stages] == [1, 1]  # tiny: one micro-batch a step
     # at pp=3 a stage boundary falls between local block 5's branches
     assert [s["holds"] for s in stage_lines(run, ParallelLayout(pp=3))] == [
         "GlobalEmbedding, 2 global blocks, StageInput", "1 local block, local block attention (layer 5)",
