@@ -127,10 +127,13 @@ def recomputed_blocks(cfg: MegabyteConfig, layers: Iterable[int], count: int | N
     keep the most activations per FLOP of recomputation first (the narrower local model's
     before the global model's: each keeps about 16 x width per position for 24 x width^2
     FLOPs), the first in forward order among equals."""
-    costs, specs = layer_costs(cfg), layer_specs(cfg)
+    specs = layer_specs(cfg)
     blocks = [i for i in layers if specs[i][0] is StageBlock]
+    if count is None or count == 0 or count >= len(blocks):
+        return blocks[:count]  # all or none: no order to find (and no layers to build for their costs)
+    costs = layer_costs(cfg)
     by_saving = sorted(blocks, key=lambda i: -costs[i].activations / costs[i].flops_per_byte)
-    return sorted(by_saving if count is None else by_saving[:count])
+    return sorted(by_saving[:count])
 
 
 def recomputed_activations(cfg: MegabyteConfig, layer: int) -> int:
