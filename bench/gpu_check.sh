@@ -26,13 +26,17 @@
 #   local-attention  bench/local_attention.py (SDPA against matmul + masked softmax) if present
 #   bench-long-half  megabyte-1m recomputing only HALF_BLOCKS (4) of its blocks, the local
 #                    model's: faster than bench-long where memory allows (train.checkpoint_blocks)
+#   pretrain-long-fit  megabyte-1m through launch/pretrain.py recomputing only the fewest blocks that
+#                    fit in 90% of the GPU's memory (FIT_MEMORY_GIB) by `bench --figures stages`' estimate;
+#                    the summary sets each pretrain-long run's peak memory beside its estimate
 #   bench-text-mb12  text-1b at micro-batch 12 (x 4 per step)
 #   bench-text-nodrop  text-1b without dropout
 #   bench-long-nockpt  megabyte-1m without activation checkpointing (out of memory is a figure)
 #
 # Settings (environment): DEVICE (cuda; cpu for the tests), PARTS (a subset, in the order
 # above), TEXT_CONFIG, LONG_CONFIG, STEPS (timed bench steps, 3), PRETRAIN_STEPS (6),
-# GEN_BYTES (8192), PLAIN_DIM (2048), HALF_BLOCKS (4), BUDGET_S (450), PYTHON, WHEELS, LAUNCHER.
+# GEN_BYTES (8192), PLAIN_DIM (2048), HALF_BLOCKS (4), FIT_MEMORY_GIB, BUDGET_S (450), PYTHON, WHEELS,
+# LAUNCHER.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -44,8 +48,8 @@ trap 'rm -rf "$work"' EXIT
 start_s=$(date +%s)
 deadline=$(( start_s + ${BUDGET_S:-450} ))
 DEVICE=${DEVICE:-cuda}
-ALL_PARTS="bench-text pretrain-text bench-long generation pretrain-long local-attention bench-long-half bench-text-mb12
-    bench-text-nodrop bench-long-nockpt"
+ALL_PARTS="bench-text pretrain-text bench-long generation pretrain-long local-attention bench-long-half pretrain-long-fit
+    bench-text-mb12 bench-text-nodrop bench-long-nockpt"
 PARTS=" $(echo ${PARTS:-$ALL_PARTS}) "  # one space between names, and around them
 TEXT_CONFIG=${TEXT_CONFIG:-configs/megabyte-text-1b.yaml}
 LONG_CONFIG=${LONG_CONFIG:-configs/megabyte-1m.yaml}
@@ -187,7 +191,8 @@ long=(--config "$LONG_CONFIG" --figures train --steps 2 --set train.grad_accum_s
 run_part bench-long 100 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=true
 run_part generation 150 "${bench[@]}" --config "$TEXT_CONFIG" --figures generation --generators cached,plain \
     --gen-bytes "${GEN_BYTES:-8192}" --plain-dim "${PLAIN_DIM:-2048}"
-pretrain "$LONG_CONFIG" "$out/pretrain-long.jsonl" 2 --set train.grad_accum_steps=1
+long_pretrain=(2 --set train.grad_accum_steps=1 --set train.activation_checkpointing=true)
+pretrain "$LONG_CONFIG" "$out/pretrain-long.jsonl" "${long_pretrain[@]}"
 run_part pretrain-long 120 "${cmd[@]}"
 if [ -f bench/local_attention.py ]; then
     run_part local-attention 60 "$py" bench/local_attention.py --rounds 2
@@ -196,6 +201,25 @@ elif [[ $PARTS == *" local-attention "* ]]; then
 fi
 run_part bench-long-half 90 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=true \
     --set train.checkpoint_blocks="${HALF_BLOCKS:-4}"
+if [[ $PARTS == *" pretrain-long-fit "* ]]; then
+    # the fewest blocks megabyte-1m must recompute to fit in 90% of the device's memory, by the stages
+    # estimate (bench --figures stages, seconds on the CPU); then the trainer recomputing only those
+    fit_gib=${FIT_MEMORY_GIB:-$("$py" -c 'import torch; print(0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30)')}
+    plan=("$py" -m megatrain.bench --json --device cpu --figures stages --layouts 1 --config "$LONG_CONFIG"
+          --set train.grad_accum_steps=1 --set train.activation_checkpointing=true --memory-gib "$fit_gib")
+    "${plan[@]}" > "$out/plan-long.out" 2> "$out/plan-long.log"
+    fit=$("$py" -c 'import json, sys; print(next(json.loads(l)["checkpoint_blocks"] for l in open(sys.argv[1])
+              if json.loads(l)["figure"] == "stages"))' "$out/plan-long.out" 2>> "$out/plan-long.log")
+    if [[ $fit =~ ^\[([0-9]+)\]$ ]]; then
+        say "pretrain-long-fit: recomputing ${BASH_REMATCH[1]} blocks fits in ${fit_gib} GiB by the estimate"
+        "${plan[@]}" --set train.checkpoint_blocks="${BASH_REMATCH[1]}" > "$out/plan-long-fit.out" 2>> "$out/plan-long.log"
+        pretrain "$LONG_CONFIG" "$out/pretrain-long-fit.jsonl" "${long_pretrain[@]}" --set train.checkpoint_blocks="${BASH_REMATCH[1]}"
+        run_part pretrain-long-fit 120 "${cmd[@]}"
+    else
+        say "pretrain-long-fit   skipped: no count of recomputed blocks fits in ${fit_gib} GiB by the estimate ($fit; plan-long.log)"
+        failures=$((failures + 1))
+    fi
+fi
 run_part bench-text-mb12 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set train.micro_batch_size=12
 run_part bench-text-nodrop 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set model.dropout=0.0
 run_part bench-long-nockpt 90 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=false

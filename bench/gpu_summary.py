@@ -2,7 +2,8 @@
 
     python bench/gpu_summary.py OUT_DIR
 
-Reads the bench parts' JSON lines (PART.out) and the pretrain parts' metrics (PART.jsonl).
+Reads the bench parts' JSON lines (PART.out, the plans' plan-*.out) and the pretrain parts'
+metrics (PART.jsonl).
 """
 
 import json
@@ -44,7 +45,7 @@ for part in ("bench-text", "bench-text-mb12", "bench-text-nodrop", "bench-long",
         row(part, t["train_bytes_per_s"], t["step_s"], t["mfu"], t.get("mfu_datasheet"), t["peak_memory_gib"])
     elif t:
         print(f"  {part:18} {t['error']} (peak {t['peak_memory_gib']:.1f} GiB)")
-for part in ("pretrain-text", "pretrain-long"):
+for part in ("pretrain-text", "pretrain-long", "pretrain-long-fit"):
     steps = lines(f"{part}.jsonl")[1:]  # the first step also sets up every kernel
     if steps:
         s = trained[part] = max(steps, key=lambda s: s["bytes_per_s"])
@@ -67,5 +68,16 @@ if "bench-long" in trained and "bench-long-half" in trained:
     print(f"  megabyte-1m recomputing {half['recomputed_blocks']} of its blocks against all "
           f"{every['recomputed_blocks']}: {half['train_bytes_per_s'] / every['train_bytes_per_s']:.2f}x the bytes/s, "
           f"{half['peak_memory_gib']:.1f} against {every['peak_memory_gib']:.1f} GiB")
+# the stages estimate of each pretrain-long run's memory (bench --figures stages) against its peak
+for part, plan in (("pretrain-long", "plan-long"), ("pretrain-long-fit", "plan-long-fit")):
+    estimate = figure(plan, "stages")
+    if part in trained and estimate:
+        print(f"  {part}: peak {trained[part]['peak_memory_gib']:.1f} GiB, estimated "
+              f"{estimate['max_memory_mib'] / 1024:.1f} GiB")
+if "pretrain-long" in trained and "pretrain-long-fit" in trained:
+    fit, every = trained["pretrain-long-fit"], trained["pretrain-long"]
+    blocks = figure("plan-long", "stages")["checkpoint_blocks"][0]
+    print(f"  megabyte-1m through the trainer recomputing {blocks} blocks (the fewest that fit by the estimate) "
+          f"against all: {fit['bytes_per_s'] / every['bytes_per_s']:.2f}x the bytes/s")
 if g:
     goal("generating 8,192 bytes >= 1.4x a same-size plain transformer", g["gen_vs_plain_transformer"] >= 1.4)

@@ -2,9 +2,9 @@
 device; the parallel layouts' stage balance and step times on the devices of this machine.
 
     python -m megatrain.bench [--config configs/NAME.yaml] [--set KEY=VALUE] [--device auto|cuda|cpu]
-        [--figures train,loader,generation,scaling,parallel] [--steps N] [--warmup N] [--json]
+        [--figures train,loader,generation,scaling,parallel,stages] [--steps N] [--warmup N] [--json]
         [--gen-bytes N] [--gen-rounds R] [--generators cached,uncached,plain] [--plain-dim D] [--data DIR]
-        [--layouts 1,pp2,tp2,dp2,pp2xtp2]
+        [--layouts 1,pp2,tp2,dp2,pp2xtp2] [--memory-gib G]
 
 Each figure is printed as soon as it is measured, one line each (with --json one JSON object,
 its "figure" naming it), and every line names the device: a run cut short keeps what it had
@@ -30,7 +30,9 @@ parameters in its transformer blocks. The loader is timed on `--data` (or on the
 library's modules, sharded for the purpose) against `zstd -d` of the same bytes
 (`megatrain.data.bench`). `scaling` is the cost per byte from 8K to 1M bytes of context.
 `parallel` (`megatrain.bench_parallel`) runs `launch/pretrain.py` at each of --layouts:
-each stage's layers, FLOPs share, parameter and activation memory, and the step time.
+each stage's layers, FLOPs share, estimated memory (weights and optimizer state, activations),
+and the step time. `stages` gives the stages' estimates alone, at once, and with --memory-gib
+G the train.checkpoint_blocks list (fewest recomputed blocks per stage) that fits in G GiB.
 """
 
 from __future__ import annotations
@@ -61,14 +63,14 @@ from megatrain.model.layers import Block
 # DeepSpeed (which these import) logs to the sys.stdout it finds when first imported: let that
 # be stderr, so that stdout holds the figures alone.
 with contextlib.redirect_stdout(sys.stderr):
-    from megatrain.bench_parallel import ParallelLayout, parallel_figure
+    from megatrain.bench_parallel import ParallelLayout, parallel_figure, stages_figure
     from megatrain.parallel.cost import model_flops_per_byte, recomputed_blocks
     from megatrain.train.metrics import (datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                                          peak_memory_bytes, synchronize)
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_BYTES = 64  # untimed generation before the timed rounds
-FIGURES = ("train", "loader", "generation", "scaling", "parallel")
+FIGURES = ("train", "loader", "generation", "scaling", "parallel", "stages")
 GENERATORS = ("cached", "uncached", "plain")
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -128,7 +130,7 @@ def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device
     untimed ones; a "train_step" line for every step as it ends."""
     dtype = precision_dtype(train)
     model = build_model(cfg, device).train()
-    recomputed = checkpoint_blocks(model, train.checkpoint_blocks) if train.activation_checkpointing else []
+    recomputed = checkpoint_blocks(model, train.checkpoint_blocks_of(0, 1)) if train.activation_checkpointing else []
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
                             weight_decay=train.weight_decay, fused=device.type == "cuda")
     accumulation = train.accumulation_steps(1)
@@ -331,10 +333,11 @@ def shards_or_standard_library(data: str | None) -> Iterator[str]:
 
 
 def parallel(config: str, run: RunConfig, overrides: tuple[str, ...], layouts: tuple[ParallelLayout, ...],
-             data: str | None, steps: int, warmup: int, emit: Emit) -> list[dict[str, Any]]:
+             data: str | None, steps: int, warmup: int, emit: Emit,
+             memory_gib: float | None = None) -> list[dict[str, Any]]:
     """The "parallel" figure (`megatrain.bench_parallel`) on `data` or the standard library's shards."""
     with shards_or_standard_library(data) as data:
-        return parallel_figure(config, run, overrides, list(layouts), data, steps, warmup, emit)
+        return parallel_figure(config, run, overrides, list(layouts), data, steps, warmup, emit, memory_gib)
 
 
 class Report:
@@ -362,7 +365,8 @@ class Report:
 def run_benchmark(config: str, device: torch.device, report: Report, figures: tuple[str, ...] = FIGURES[:3],
                   overrides: tuple[str, ...] = (), steps: int = 10, warmup: int = 2, gen_bytes: int = 8192,
                   gen_rounds: int = 1, generators: tuple[str, ...] = GENERATORS, plain_dim: int = 0,
-                  data: str | None = None, layouts: tuple[ParallelLayout, ...] = ()) -> bool:
+                  data: str | None = None, layouts: tuple[ParallelLayout, ...] = (),
+                  memory_gib: float | None = None) -> bool:
     """Measure `figures` on `device`, each reported as it is measured; False if one failed
     (out of memory: said in its line, and the others still run)."""
     run = load_config(config, overrides)
@@ -378,7 +382,8 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
         "generation": lambda: generation_speed(cfg, gen_bytes, device, dtype, gen_rounds, plain_dim, generators,
                                                report.emit),
         "scaling": lambda: scaling(device, train.precision, emit=report.emit),
-        "parallel": lambda: parallel(config, run, overrides, layouts, data, steps, warmup, report.emit),
+        "parallel": lambda: parallel(config, run, overrides, layouts, data, steps, warmup, report.emit, memory_gib),
+        "stages": lambda: stages_figure(run, list(layouts), memory_gib, report.emit),
     }
     ok = True
     for figure in figures:
@@ -389,7 +394,7 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
             report.emit(figure, {"error": "out of memory", "detail": str(e).splitlines()[0],
                                  "peak_memory_gib": peak_memory_bytes(device) / 2**30})
             continue  # its tensors are freed with the traceback; the allocator reuses their memory
-        if figure not in ("scaling", "parallel"):  # their rows were reported one by one
+        if figure not in ("scaling", "parallel", "stages"):  # their rows were reported one by one
             report.emit(figure, values)
     return ok
 
@@ -422,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: the GPU if torch sees one; cuda: fail unless it does")
     parser.add_argument("--figures", type=names(FIGURES), default=FIGURES[:3],
-                        help=f"what to measure, in order (default: {','.join(FIGURES[:3])}; also: scaling, parallel)")
+                        help=f"what to measure, in order (default: {','.join(FIGURES[:3])}; "
+                             "also: scaling, parallel, stages)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--gen-bytes", type=int, default=8192,
@@ -439,10 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", type=layouts, default=(ParallelLayout(), ParallelLayout(pp=2)),
                         help="the parallel figure's layouts, the first the speed-ups' base (default: 1,pp2; "
                              "e.g. 1,pp2,tp2,dp2,pp2xtp2)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="the parallel and stages figures: each stage's fewest recomputed blocks "
+                             "(train.checkpoint_blocks) for it to fit in this much device memory")
     parser.add_argument("--json", action="store_true", help="one JSON object a line")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.warmup < 0 or args.gen_bytes <= 0 or args.gen_rounds <= 0 or args.plain_dim < 0:
         parser.error("need --steps, --gen-bytes and --gen-rounds positive, --warmup and --plain-dim >= 0")
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        parser.error(f"--memory-gib {args.memory_gib}: give the device's memory in GiB, more than 0")
     try:
         device = resolve_device(args.device)
     except NoGPUError as e:
@@ -451,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.json, device=device_name(device), config=config, overrides=list(args.set))
     try:
         ok = run_benchmark(config, device, report, args.figures, tuple(args.set), args.steps, args.warmup,
-                           args.gen_bytes, args.gen_rounds, args.generators, args.plain_dim, args.data, args.layouts)
+                           args.gen_bytes, args.gen_rounds, args.generators, args.plain_dim, args.data, args.layouts,
+                           args.memory_gib)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     report.close()

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def stage_checkpoint_blocks(counts: int | tuple[int, ...] | None, stage: int) -> int | None:
+    """Pipeline stage `stage`'s count of `train.checkpoint_blocks` (one for all, or a count each)."""
+    return counts[stage] if isinstance(counts, tuple) else counts
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     micro_batch_size: int = 1  # sequences per forward on each data-parallel rank
@@ -56,7 +61,9 @@ class TrainConfig:
     # recompute their activations in the backward pass (null: all); the rest keep them, which
     # is faster where memory allows. The blocks that keep the most activations per FLOP of
     # recomputation go first: the local model's (`megatrain.parallel.cost.recomputed_blocks`).
-    checkpoint_blocks: int | None = None
+    # A list gives each stage its own count ([6, 4] at pp=2): the first stages keep the most
+    # micro-batches in flight (`bench --figures parallel --memory-gib G` finds the counts).
+    checkpoint_blocks: int | tuple[int, ...] | None = None
     # torch.compile each transformer block (state-dict names unchanged); measured no gain on
     # CPU (docs/PERFORMANCE.md), not yet measured on a GPU
     compile: bool = False
@@ -80,15 +87,32 @@ class TrainConfig:
         """The global batch: sequences per optimizer step over `dp` data-parallel ranks."""
         return self.micro_batch_size * self.accumulation_steps(dp) * dp
 
+    def checkpoint_blocks_of(self, stage: int, stages: int) -> int | None:
+        """How many blocks pipeline stage `stage` of `stages` recomputes (null: all of them)."""
+        problem = self.checkpoint_blocks_problem(stages)
+        if problem:
+            raise ConfigError(f"train.checkpoint_blocks: {problem}")
+        return stage_checkpoint_blocks(self.checkpoint_blocks, stage)
+
+    def checkpoint_blocks_problem(self, stages: int) -> str | None:
+        """Why checkpoint_blocks cannot serve a pipeline of `stages` stages, or None."""
+        counts = self.checkpoint_blocks
+        if isinstance(counts, tuple) and len(counts) != stages:
+            return (f"lists {len(counts)} counts, one per pipeline stage, but the pipeline has {stages} "
+                    f"(parallel.pp / --pp): list {stages}, or give one count for every stage")
+        return None
+
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for each inconsistency; empty when the settings are usable."""
         out = [(name, f"must be positive, got {getattr(self, name)}")
                for name in ("micro_batch_size", "grad_accum_steps", "max_skipped_steps") if getattr(self, name) < 1]
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            out.append(("checkpoint_blocks", f"must be null (every block) or at least 0, got {self.checkpoint_blocks}"))
+        counts = self.checkpoint_blocks if isinstance(self.checkpoint_blocks, tuple) else (self.checkpoint_blocks,)
+        if not counts or any(c is not None and c < 0 for c in counts):
+            out.append(("checkpoint_blocks", "must be null (every block), a count of at least 0, or a list of "
+                        f"such counts (one per pipeline stage), got {config_to_dict(self.checkpoint_blocks)}"))
         elif self.checkpoint_blocks is not None and not self.activation_checkpointing:
-            out.append(("checkpoint_blocks", f"is {self.checkpoint_blocks}, but activation_checkpointing is off: "
-                        "set train.activation_checkpointing=true for blocks to be recomputed"))
+            out.append(("checkpoint_blocks", f"is {config_to_dict(self.checkpoint_blocks)}, but activation_checkpointing "
+                        "is off: set train.activation_checkpointing=true for blocks to be recomputed"))
         if self.global_batch_size < 0:
             out.append(("global_batch_size", f"must be 0 (not fixed) or positive, got {self.global_batch_size}"))
         elif self.global_batch_size and self.grad_accum_steps != 1:

@@ -257,9 +257,14 @@ def test_gpu_check_installs_what_is_missing_from_a_folder_of_wheels(tmp_path):
 
 def test_gpu_check_runs_every_part_on_cpu_and_keeps_each_result(tmp_path, cpu_comm):
     """bench/gpu_check.sh, the one prepared run for a GPU machine, here on CPU with the tiny config."""
+    # the memory tiny needs recomputing 2 of its 4 blocks (less than with none, or with only 1)
+    long = load_config(TINY, ["train.activation_checkpointing=true", "train.checkpoint_blocks=2"])
+    fit_gib = (stage_lines(long, ParallelLayout())[0]["memory_mib"] + 1e-3) / 1024
     result = gpu_check(tmp_path, timeout=500, DEVICE="cpu", DS_ACCELERATOR="cpu", TEXT_CONFIG=TINY, LONG_CONFIG=TINY,
                        STEPS="2", PRETRAIN_STEPS="2", GEN_BYTES="64", PLAIN_DIM="64", HALF_BLOCKS="1",
-                       PARTS="bench-text pretrain-text bench-long generation bench-long-half")
+                       FIT_MEMORY_GIB=str(fit_gib),
+                       PARTS="bench-text pretrain-text bench-long generation pretrain-long bench-long-half "
+                             "pretrain-long-fit")
     assert result.returncode == 0, result.stdout + result.stderr
     bench = [json.loads(line) for line in (tmp_path / "bench-text.out").read_text().splitlines()]
     assert [line["figure"] for line in bench] == ["device", *["train_step"] * 3, "train", "loader", "report"]
@@ -269,14 +274,37 @@ def test_gpu_check_runs_every_part_on_cpu_and_keeps_each_result(tmp_path, cpu_co
     gen = json.loads((tmp_path / "generation.out").read_text().splitlines()[-2])
     assert gen["figure"] == "generation" and gen["gen_bytes"] == 64 and "gen_uncached_bytes_per_s" not in gen
     summary = (tmp_path / "summary.txt").read_text()
-    for part in ("bench-text", "pretrain-text", "bench-long", "generation", "bench-long-half"):
+    for part in ("bench-text", "pretrain-text", "bench-long", "generation", "pretrain-long", "bench-long-half",
+                 "pretrain-long-fit"):
         assert f"{part:18} ok in" in summary
     long = {part: json.loads((tmp_path / f"{part}.out").read_text().splitlines()[-2]) for part in ("bench-long",
                                                                                                   "bench-long-half")}
     assert long["bench-long"]["recomputed_blocks"] == 4 and long["bench-long-half"]["recomputed_blocks"] == 1
     assert "megabyte-1m recomputing 1 of its blocks against all 4: " in summary
+    # the trainer recomputing the fewest blocks that fit by the stages estimate, beside every block
+    assert f"pretrain-long-fit: recomputing 2 blocks fits in {fit_gib} GiB by the estimate" in summary
+    plan = {name: [json.loads(line) for line in (tmp_path / f"{name}.out").read_text().splitlines()]
+            for name in ("plan-long", "plan-long-fit")}
+    assert [line["recomputed_blocks"] for name in plan for line in plan[name] if line["figure"] == "stage"] == [4, 2]
+    fit = [json.loads(line) for line in (tmp_path / "pretrain-long-fit.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in fit] == [1, 2]
+    launched = (tmp_path / "pretrain-long-fit.out").read_text() + (tmp_path / "pretrain-long-fit.log").read_text()
+    assert "'train.checkpoint_blocks=2'" in launched  # the command line the launcher started
+    estimate = next(line for line in plan["plan-long-fit"] if line["figure"] == "stages")["max_memory_mib"] / 1024
+    assert f"pretrain-long-fit: peak {fit[1]['peak_memory_gib']:.1f} GiB, estimated {estimate:.1f} GiB" in summary
+    assert "megabyte-1m through the trainer recomputing 2 blocks (the fewest that fit by the estimate) against all: " \
+           in summary
     assert "goal text-1b MFU >= 50% of the measured matmul peak (pretrain-text)" in summary
     assert "gpu_check: 0 part(s) not ok" in summary
+
+
+def test_gpu_check_says_when_no_count_of_recomputed_blocks_fits(tmp_path, cpu_comm):
+    result = gpu_check(tmp_path, DEVICE="cpu", DS_ACCELERATOR="cpu", LONG_CONFIG=TINY, FIT_MEMORY_GIB="0.01",
+                       PARTS="pretrain-long-fit")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pretrain-long-fit   skipped: no count of recomputed blocks fits in 0.01 GiB by the estimate (None" \
+           in result.stdout
+    assert not (tmp_path / "pretrain-long-fit.jsonl").exists()
 
 
 def test_layer_times_gives_every_layer_and_every_two_stage_cut():

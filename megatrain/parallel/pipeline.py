@@ -39,6 +39,7 @@ from deepspeed.utils import logger
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatrain.config import stage_checkpoint_blocks
 from megatrain.model import Megabyte, MegabyteConfig, StageBlock, layer_specs, residual_branch, tie_local_embedding
 
 from .layout import Layout
@@ -131,9 +132,10 @@ class MegabytePipeline(PipelineModule):
     def __init__(self, cfg: MegabyteConfig, layout: Layout, seed: int,
                  partition_method: str = "flops", activation_checkpoint_interval: int = 0,
                  compile_blocks: bool = False, layout_invariant_dropout: bool = False,
-                 checkpoint_blocks: int | None = None) -> None:
+                 checkpoint_blocks: int | tuple[int, ...] | None = None) -> None:
         """activation_checkpoint_interval 1 recomputes the activations of `checkpoint_blocks` of
-        each stage's blocks in the backward pass (all when None; `recomputed_blocks` picks them)."""
+        each stage's blocks in the backward pass (all when None, a count per stage when a tuple;
+        `recomputed_blocks` picks them)."""
         self.config, self.compile_blocks = cfg, compile_blocks
         self.checkpoint_blocks = checkpoint_blocks if activation_checkpoint_interval else 0
         # Under tensor parallelism the sharded regions draw from each rank's own stream,
@@ -191,7 +193,8 @@ class MegabytePipeline(PipelineModule):
 
     def recomputed(self, stage: int) -> list[int]:
         """The layers of `stage` whose activations are recomputed in the backward pass."""
-        return recomputed_blocks(self.config, self.cut.layers(stage), self.checkpoint_blocks)
+        count = stage_checkpoint_blocks(self.checkpoint_blocks, stage)
+        return recomputed_blocks(self.config, self.cut.layers(stage), count)
 
     def _is_checkpointable(self, funcs: list[nn.Module]) -> bool:
         # DeepSpeed's own choice (by class name) would take every block of the stage.
