@@ -26,9 +26,10 @@
 #   local-attention  bench/local_attention.py (SDPA against matmul + masked softmax) if present
 #   bench-long-half  megabyte-1m recomputing only HALF_BLOCKS (4) of its blocks, the local
 #                    model's: faster than bench-long where memory allows (train.checkpoint_blocks)
-#   pretrain-long-fit  megabyte-1m through launch/pretrain.py recomputing only the fewest blocks that
-#                    fit in 90% of the GPU's memory (FIT_MEMORY_GIB) by `bench --figures stages`' estimate;
-#                    the summary sets each pretrain-long run's peak memory beside its estimate
+#   pretrain-long-fit  megabyte-1m through launch/pretrain.py with train.checkpoint_blocks: auto, the
+#                    fewest recomputed blocks that fit in 90% of the GPU's memory (or FIT_MEMORY_GIB) by
+#                    the estimate; the summary sets each pretrain-long run's peak memory beside its
+#                    estimate (`bench --figures stages`)
 #   bench-text-mb12  text-1b at micro-batch 12 (x 4 per step)
 #   bench-text-nodrop  text-1b without dropout
 #   bench-long-nockpt  megabyte-1m without activation checkpointing (out of memory is a figure)
@@ -202,23 +203,19 @@ fi
 run_part bench-long-half 90 "${bench[@]}" "${long[@]}" --set train.activation_checkpointing=true \
     --set train.checkpoint_blocks="${HALF_BLOCKS:-4}"
 if [[ $PARTS == *" pretrain-long-fit "* ]]; then
-    # the fewest blocks megabyte-1m must recompute to fit in 90% of the device's memory, by the stages
-    # estimate (bench --figures stages, seconds on the CPU); then the trainer recomputing only those
-    fit_gib=${FIT_MEMORY_GIB:-$("$py" -c 'import torch; print(0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30)')}
+    # train.checkpoint_blocks: auto: the trainer recomputes the fewest blocks that fit in 90% of its GPU's
+    # memory (or in FIT_MEMORY_GIB) by the estimate; the stages figure (seconds, on the CPU) gives the
+    # same estimate of both pretrain-long runs for the summary
+    budget=(${FIT_MEMORY_GIB:+--set train.checkpoint_memory_gib=$FIT_MEMORY_GIB})
+    [ "$DEVICE" = cuda ] && budget+=(--memory-gib "$("$py" -c 'import torch
+print(torch.cuda.get_device_properties(0).total_memory / 2**30)')")
     plan=("$py" -m megatrain.bench --json --device cpu --figures stages --layouts 1 --config "$LONG_CONFIG"
-          --set train.grad_accum_steps=1 --set train.activation_checkpointing=true --memory-gib "$fit_gib")
+          --set train.grad_accum_steps=1 --set train.activation_checkpointing=true)
     "${plan[@]}" > "$out/plan-long.out" 2> "$out/plan-long.log"
-    fit=$("$py" -c 'import json, sys; print(next(json.loads(l)["checkpoint_blocks"] for l in open(sys.argv[1])
-              if json.loads(l)["figure"] == "stages"))' "$out/plan-long.out" 2>> "$out/plan-long.log")
-    if [[ $fit =~ ^\[([0-9]+)\]$ ]]; then
-        say "pretrain-long-fit: recomputing ${BASH_REMATCH[1]} blocks fits in ${fit_gib} GiB by the estimate"
-        "${plan[@]}" --set train.checkpoint_blocks="${BASH_REMATCH[1]}" > "$out/plan-long-fit.out" 2>> "$out/plan-long.log"
-        pretrain "$LONG_CONFIG" "$out/pretrain-long-fit.jsonl" "${long_pretrain[@]}" --set train.checkpoint_blocks="${BASH_REMATCH[1]}"
-        run_part pretrain-long-fit 120 "${cmd[@]}"
-    else
-        say "pretrain-long-fit   skipped: no count of recomputed blocks fits in ${fit_gib} GiB by the estimate ($fit; plan-long.log)"
-        failures=$((failures + 1))
-    fi
+    "${plan[@]}" --set train.checkpoint_blocks=auto "${budget[@]}" > "$out/plan-long-fit.out" 2>> "$out/plan-long.log"
+    pretrain "$LONG_CONFIG" "$out/pretrain-long-fit.jsonl" "${long_pretrain[@]}" --set train.checkpoint_blocks=auto \
+        ${FIT_MEMORY_GIB:+--set train.checkpoint_memory_gib=$FIT_MEMORY_GIB}
+    run_part pretrain-long-fit 120 "${cmd[@]}"
 fi
 run_part bench-text-mb12 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set train.micro_batch_size=12
 run_part bench-text-nodrop 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set model.dropout=0.0

@@ -32,7 +32,7 @@ library's modules, sharded for the purpose) against `zstd -d` of the same bytes
 `parallel` (`megatrain.bench_parallel`) runs `launch/pretrain.py` at each of --layouts:
 each stage's layers, FLOPs share, estimated memory (weights and optimizer state, activations),
 and the step time. `stages` gives the stages' estimates alone, at once, and with --memory-gib
-G the train.checkpoint_blocks list (fewest recomputed blocks per stage) that fits in G GiB.
+G (a rank's device memory) the train.checkpoint_blocks list that auto would choose there.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ from megatrain.model.layers import Block
 # be stderr, so that stdout holds the figures alone.
 with contextlib.redirect_stdout(sys.stderr):
     from megatrain.bench_parallel import ParallelLayout, parallel_figure, stages_figure
+    from megatrain.parallel import Layout
     from megatrain.parallel.cost import model_flops_per_byte, recomputed_blocks
+    from megatrain.train.memory import checkpoint_counts, device_memory_gib
     from megatrain.train.metrics import (datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                                          peak_memory_bytes, synchronize)
 
@@ -130,7 +132,7 @@ def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device
     untimed ones; a "train_step" line for every step as it ends."""
     dtype = precision_dtype(train)
     model = build_model(cfg, device).train()
-    recomputed = checkpoint_blocks(model, train.checkpoint_blocks_of(0, 1)) if train.activation_checkpointing else []
+    recomputed = checkpoint_blocks(model, train.checkpoint_blocks) if train.activation_checkpointing else []
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
                             weight_decay=train.weight_decay, fused=device.type == "cuda")
     accumulation = train.accumulation_steps(1)
@@ -371,6 +373,8 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
     (out of memory: said in its line, and the others still run)."""
     run = load_config(config, overrides)
     cfg, train = run.model, run.train
+    if train.activation_checkpointing:  # what one pipeline stage on this device recomputes (auto resolved)
+        train = replace(train, checkpoint_blocks=checkpoint_counts(run, Layout(1, 1, 1), device_memory_gib(device))[0])
     dtype = precision_dtype(train)
     peak = measure_matmul_tflops(device, dtype, seconds=1.0)
     datasheet = datasheet_bf16_tflops(report.common["device"]) if dtype == torch.bfloat16 else None
@@ -446,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the parallel figure's layouts, the first the speed-ups' base (default: 1,pp2; "
                              "e.g. 1,pp2,tp2,dp2,pp2xtp2)")
     parser.add_argument("--memory-gib", type=float, default=None,
-                        help="the parallel and stages figures: each stage's fewest recomputed blocks "
-                             "(train.checkpoint_blocks) for it to fit in this much device memory")
+                        help="the parallel and stages figures: a rank's device memory; each stage's fewest "
+                             "recomputed blocks to fit in 90%% of it (train.checkpoint_blocks: auto)")
     parser.add_argument("--json", action="store_true", help="one JSON object a line")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.warmup < 0 or args.gen_bytes <= 0 or args.gen_rounds <= 0 or args.plain_dim < 0:

@@ -8,11 +8,12 @@ share of the FLOPs, its parameters and their weights, gradients and Adam state
 value, fp32 4), where blocks recomputed under train.activation_checkpointing keep their
 inputs and one of them its whole activations again in the backward pass;
 "activation_peak_mib" those of the micro-batches in flight at once in the 1F1B schedule, and
-"memory_mib" the two together. With --memory-gib G each stage line also gives the fewest
-blocks the stage must recompute to fit in G GiB.
+"memory_mib" the two together. With --memory-gib G (a rank's device memory) each stage line
+also gives the fewest blocks the stage must recompute to fit in 90% of G (what
+train.checkpoint_blocks: auto chooses on such a device).
 
-"stages" stops there, with a "stages" line per layout: its largest stage memory and the
-train.checkpoint_blocks list that fits in G (nothing is run: it takes seconds for any model).
+"stages" stops there, with a "stages" line per layout: its largest stage memory and that
+train.checkpoint_blocks list (nothing is run: it takes seconds for any model).
 "parallel" adds a "parallel" line:
 the stage FLOPs balance (max / mean) and the step time measured by running
 `launch/pretrain.py` on that many ranks of this machine (random-free: the standard library's
@@ -40,34 +41,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from megatrain.config import RunConfig
 from megatrain.model import MegabyteConfig, StageBlock, layer_specs
-from megatrain.parallel import (Layout, Piece, first_local_layer, pieces, pipeline_cut, recomputed_activations,
-                                recomputed_blocks)
+from megatrain.parallel import Layout, Piece, pieces
 from megatrain.parallel.pipeline import tensor_parallel_layers
 from megatrain.train.distributed import free_port
-from megatrain.train.ds_config import deepspeed_config
+from megatrain.train.memory import auto_budget_gib, checkpoint_counts, stage_memories
 
 REPO = Path(__file__).resolve().parents[1]
-BYTES_PER_ACTIVATION = {"bf16": 2, "fp32": 4}  # by train.precision
-
-
-def state_mib(run: RunConfig, layout: ParallelLayout, params: float) -> float:
-    """The weights, gradients and Adam state of `params` parameters on one rank at their peak, with
-    DeepSpeed's optimizers under ZeRO-1: the fp32 master weight and two moments (12 bytes a
-    parameter) split over the dp ranks. bf16: the bf16 weight and gradient and the fp32
-    accumulated gradient whole on every rank (8 bytes). fp32: the weight and its gradient whole
-    (8), the reduced gradient's share (4 / dp) beside them, and one reduction bucket of
-    `reduce_bucket_size` fp32 values (DeepSpeed's default: 1.9 GiB). tests/test_bench_parallel.py measures them."""
-    if run.train.precision == "bf16":
-        return params * (8 + 12 / layout.dp) / 2**20
-    zero = DeepSpeedZeroConfig(**deepspeed_config(run, Layout(layout.pp, layout.tp, layout.dp))["zero_optimization"])
-    bucket = zero.reduce_bucket_size * 4 if zero.contiguous_gradients else 0
-    return (params * (8 + 16 / layout.dp) + bucket) / 2**20
-
-
 Emit = Callable[[str, dict[str, Any]], None]
 
 
@@ -113,54 +95,28 @@ def describe_pieces(cfg: MegabyteConfig, stage: list[Piece]) -> str:
 
 
 def stage_lines(run: RunConfig, layout: ParallelLayout, memory_gib: float | None = None) -> list[dict[str, Any]]:
-    """What each pipeline stage of `layout` holds and costs, on one of its ranks: the global
-    blocks' parameters split over tp, the local model's activations too (each tp rank runs it
-    on its share of the patches); the global blocks' activations are counted whole (an upper
-    bound at tp > 1: their norms' inputs are replicated, the rest is split). With `memory_gib`,
-    also the fewest blocks the stage must recompute for its estimated memory to fit in that
-    (None where recomputing all of them is not enough)."""
+    """What each pipeline stage of `layout` holds and costs, on one of its ranks
+    (`megatrain.train.memory.StageMemory`). With `memory_gib` (a rank's device memory), also the
+    fewest blocks the stage must recompute to fit in train.checkpoint_blocks: auto's budget
+    (90% of it, or train.checkpoint_memory_gib): None where all are not enough."""
     cfg, train = run.model, run.train
-    cut = pipeline_cut(cfg, run.parallel.partition_method, layout.pp)
-    sharded, local = set(tensor_parallel_layers(cfg)), first_local_layer(cfg)
+    grid = Layout(layout.pp, layout.tp, layout.dp)
     total = sum(p.cost.flops_per_byte for p in pieces(cfg))
-    scale = train.micro_batch_size * BYTES_PER_ACTIVATION[train.precision] / 2**20  # elements -> MiB
+    counts = checkpoint_counts(run, grid, memory_gib) if train.activation_checkpointing else (0,) * layout.pp
     lines = []
-    for stage, held in enumerate(cut.stage_pieces(cfg)):
-        params = sum(p.cost.params / (layout.tp if p.layer in sharded else 1) for p in held)
-        state = state_mib(run, layout, params)
-        layers = cut.layers(stage)
-        share = {i: 1 / layout.tp if i >= local else 1 for i in layers}
-        full = {i: sum(p.cost.activations for p in held if p.layer == i) * share[i] for i in layers}
-        # 1F1B: this stage runs the forward of up to pp - stage micro-batches before their backward
-        in_flight = min(layout.pp - stage, train.accumulation_steps(layout.dp))
-
-        def activations(recomputed: list[int]) -> tuple[float, float]:
-            """Elements kept per micro-batch, and those a recomputed block brings back in its backward
-            (one block at a time)."""
-            kept = sum(recomputed_activations(cfg, i) * share[i] if i in recomputed else full[i] for i in layers)
-            return kept, max((full[i] for i in recomputed), default=0)
-
-        def peak_mib(recomputed: list[int]) -> float:
-            kept, again = activations(recomputed)
-            return (kept * in_flight + again) * scale
-
-        recomputed = recomputed_blocks(cfg, layers, train.checkpoint_blocks_of(stage, layout.pp)) \
-            if train.activation_checkpointing else []
-        kept, again = activations(recomputed)
-        line = {"layout": layout.name, "stage": stage, "layers": f"{layers.start}-{layers.stop - 1}",
-                "holds": describe_pieces(cfg, held),
-                "flops_share": sum(p.cost.flops_per_byte for p in held) / total,
-                "params_m": params / 1e6, "state_mib": state,
+    for stage, count in zip(stage_memories(run, grid), counts):
+        recomputed, layers = stage.recomputed(count), stage.layers
+        line = {"layout": layout.name, "stage": stage.stage, "layers": f"{layers.start}-{layers.stop - 1}",
+                "holds": describe_pieces(cfg, stage.pieces),
+                "flops_share": sum(p.cost.flops_per_byte for p in stage.pieces) / total,
+                "params_m": stage.params / 1e6, "state_mib": stage.state_mib,
                 "recomputed_blocks": len(recomputed),
-                "activation_mib": (kept + again) * scale,
-                "micro_batches_in_flight": in_flight,
-                "activation_peak_mib": peak_mib(recomputed),
-                "memory_mib": state + peak_mib(recomputed)}
+                "activation_mib": stage.activation_mib(recomputed),
+                "micro_batches_in_flight": stage.in_flight,
+                "activation_peak_mib": stage.activation_peak_mib(recomputed),
+                "memory_mib": stage.memory_mib(recomputed)}
         if memory_gib is not None:
-            blocks = len(recomputed_blocks(cfg, layers, None))
-            line["fewest_recomputed_blocks"] = next(
-                (n for n in range(blocks + 1)
-                 if state + peak_mib(recomputed_blocks(cfg, layers, n)) <= memory_gib * 1024), None)
+            line["fewest_recomputed_blocks"] = stage.fewest_recomputed(auto_budget_gib(run, memory_gib) * 1024)
         lines.append(line)
     return lines
 

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def stage_checkpoint_blocks(counts: int | tuple[int, ...] | None, stage: int) -> int | None:
+def stage_checkpoint_blocks(counts: int | tuple[int | None, ...] | None, stage: int) -> int | None:
     """Pipeline stage `stage`'s count of `train.checkpoint_blocks` (one for all, or a count each)."""
     return counts[stage] if isinstance(counts, tuple) else counts
 
@@ -62,8 +62,11 @@ class TrainConfig:
     # is faster where memory allows. The blocks that keep the most activations per FLOP of
     # recomputation go first: the local model's (`megatrain.parallel.cost.recomputed_blocks`).
     # A list gives each stage its own count ([6, 4] at pp=2): the first stages keep the most
-    # micro-batches in flight (`bench --figures parallel --memory-gib G` finds the counts).
-    checkpoint_blocks: int | tuple[int, ...] | None = None
+    # micro-batches in flight (`bench --figures stages --memory-gib G` finds the counts).
+    # auto: each stage's fewest blocks that fit in checkpoint_memory_gib by the estimate of
+    # `megatrain.train.memory` (0: 90% of the device's memory; a CPU's RAM shared by its ranks).
+    checkpoint_blocks: int | tuple[int, ...] | Literal["auto"] | None = None
+    checkpoint_memory_gib: float = 0.0
     # torch.compile each transformer block (state-dict names unchanged); measured no gain on
     # CPU (docs/PERFORMANCE.md), not yet measured on a GPU
     compile: bool = False
@@ -87,13 +90,6 @@ class TrainConfig:
         """The global batch: sequences per optimizer step over `dp` data-parallel ranks."""
         return self.micro_batch_size * self.accumulation_steps(dp) * dp
 
-    def checkpoint_blocks_of(self, stage: int, stages: int) -> int | None:
-        """How many blocks pipeline stage `stage` of `stages` recomputes (null: all of them)."""
-        problem = self.checkpoint_blocks_problem(stages)
-        if problem:
-            raise ConfigError(f"train.checkpoint_blocks: {problem}")
-        return stage_checkpoint_blocks(self.checkpoint_blocks, stage)
-
     def checkpoint_blocks_problem(self, stages: int) -> str | None:
         """Why checkpoint_blocks cannot serve a pipeline of `stages` stages, or None."""
         counts = self.checkpoint_blocks
@@ -107,12 +103,19 @@ class TrainConfig:
         out = [(name, f"must be positive, got {getattr(self, name)}")
                for name in ("micro_batch_size", "grad_accum_steps", "max_skipped_steps") if getattr(self, name) < 1]
         counts = self.checkpoint_blocks if isinstance(self.checkpoint_blocks, tuple) else (self.checkpoint_blocks,)
-        if not counts or any(c is not None and c < 0 for c in counts):
-            out.append(("checkpoint_blocks", "must be null (every block), a count of at least 0, or a list of "
-                        f"such counts (one per pipeline stage), got {config_to_dict(self.checkpoint_blocks)}"))
+        if not counts or any(isinstance(c, int) and c < 0 for c in counts):
+            out.append(("checkpoint_blocks", "must be null (every block), a count of at least 0, a list of "
+                        "such counts (one per pipeline stage) or auto, "
+                        f"got {config_to_dict(self.checkpoint_blocks)}"))
         elif self.checkpoint_blocks is not None and not self.activation_checkpointing:
             out.append(("checkpoint_blocks", f"is {config_to_dict(self.checkpoint_blocks)}, but activation_checkpointing "
                         "is off: set train.activation_checkpointing=true for blocks to be recomputed"))
+        if self.checkpoint_memory_gib < 0:
+            out.append(("checkpoint_memory_gib", f"must be 0 (90% of the device's) or positive, got "
+                        f"{self.checkpoint_memory_gib}"))
+        elif self.checkpoint_memory_gib and self.checkpoint_blocks != "auto":
+            out.append(("checkpoint_memory_gib", f"is {self.checkpoint_memory_gib}, but checkpoint_blocks is not auto: "
+                        "it is auto's budget"))
         if self.global_batch_size < 0:
             out.append(("global_batch_size", f"must be 0 (not fixed) or positive, got {self.global_batch_size}"))
         elif self.global_batch_size and self.grad_accum_steps != 1:
@@ -246,6 +249,19 @@ def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
     return cls(**values)
 
 
+WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _described(tp: Any) -> str:
+    """A field type in words, for an error: "a list of an integer" reads as "a list of integers"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_described(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return WORDS.get(tp, str(tp))
+
+
 def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
@@ -264,7 +280,8 @@ def _coerce(tp: Any, value: Any, source: str, name: str) -> Any:
                 return _coerce(option, value, source, name)
             except ConfigError:
                 pass
-        raise wrong(str(tp))
+        options = [_described(option) for option in args]
+        raise wrong(", ".join(options[:-1]) + f" or {options[-1]}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise wrong("a list")

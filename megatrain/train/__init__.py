@@ -3,6 +3,8 @@
 - `trainer.Trainer`: one run (engine, data, loop, evaluation, checkpoint client state);
 - `distributed`: joining the process group under deepspeed, mpirun, srun or plain python;
 - `ds_config` / `optim`: the DeepSpeed config, AdamW groups and the LR schedule from the YAML;
+- `memory`: each stage's memory estimate, and the blocks to recompute to fit a device
+  (train.checkpoint_blocks: auto);
 - `metrics`: the per-step JSONL, console and monitor output;
 - `checkpointing`: RNG state per rank, checks before resuming, crash-safe commits, --keep-last;
 - `signals`: SIGTERM / SIGUSR1 stop after the step, with a checkpoint (exit code 3);

@@ -108,12 +108,16 @@ def build_cpu_comm_op() -> None:
             os.environ["PATH"] = path
 
 
+def local_ranks() -> int:
+    """How many ranks of the job run on this machine, as the launcher says (1 if it does not)."""
+    return next((int(os.environ[v]) for v in LOCAL_SIZE_VARIABLES if v in os.environ), 1)
+
+
 def _limit_cpu_threads() -> None:
     """Share the cores among the local ranks unless the user chose (OMP_NUM_THREADS)."""
     if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
-    local = next((int(os.environ[v]) for v in LOCAL_SIZE_VARIABLES if v in os.environ), 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks()))
 
 
 def init_distributed(timeout_s: float) -> World:

@@ -39,6 +39,7 @@ from .distributed import agree, init_distributed
 from .ds_config import deepspeed_config
 from .faults import (CorruptData, DamagedCheckpoint, NonFiniteError, RunFault, SaveError, SpikeDetector,
                      inject_fault, non_finite_count, planned_faults, training_state)
+from .memory import auto_budget_gib, checkpoint_counts, describe_auto, device_memory_gib
 from .metrics import (MetricsLog, bits_per_byte, datasheet_bf16_tflops, device_name, measure_matmul_tflops,
                       peak_memory_bytes)
 from .optim import build_optimizer, lr_schedule
@@ -140,7 +141,7 @@ class Trainer:
         resume_tag = self._resume_tag() if options.load else None
         model = MegabytePipeline(cfg.model, self.layout, cfg.train.seed, cfg.parallel.partition_method,
                                  activation_checkpoint_interval=int(cfg.train.activation_checkpointing),
-                                 checkpoint_blocks=cfg.train.checkpoint_blocks, compile_blocks=cfg.train.compile,
+                                 checkpoint_blocks=self._checkpoint_counts(), compile_blocks=cfg.train.compile,
                                  layout_invariant_dropout=cfg.parallel.layout_invariant_dropout)
         model.to(get_accelerator().current_device_name())  # first: a fused optimizer needs its parameters there
         self.engine, *_ = deepspeed.initialize(
@@ -178,6 +179,21 @@ class Trainer:
     def mixture(self) -> list[dict]:
         """The sources as the checkpoint records them (names, fingerprints, weights)."""
         return [s.record() for s in self.sources]
+
+    def _checkpoint_counts(self) -> tuple[int | None, ...] | None:
+        """train.checkpoint_blocks for each pipeline stage; auto for the smallest device of the job."""
+        t = self.cfg.train
+        if not t.activation_checkpointing:
+            return None
+        memory_gib = None
+        if t.checkpoint_blocks == "auto" and not t.checkpoint_memory_gib:
+            device = torch.device(get_accelerator().current_device_name())
+            memory_gib = agree(int(device_memory_gib(device) * 1024), dist.ReduceOp.MIN) / 1024
+        counts = checkpoint_counts(self.cfg, self.layout, memory_gib)
+        if t.checkpoint_blocks == "auto" and self.world.rank == 0:
+            print("\n".join(describe_auto(self.cfg, self.layout, counts, auto_budget_gib(self.cfg, memory_gib))),
+                  flush=True)
+        return counts
 
     @property
     def fingerprint(self) -> str:
