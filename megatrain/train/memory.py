@@ -2,7 +2,7 @@
 and the fewest blocks a stage must recompute (train.checkpoint_blocks) to fit a device.
 
 A stage's memory is its optimizer state (weights, gradients, Adam moments under DeepSpeed's
-ZeRO-1, measured: tests/test_bench_parallel.py) and its activations: those each layer keeps
+ZeRO-1, measured: tests/train/test_memory.py) and its activations: those each layer keeps
 for backward (`megatrain.parallel.cost`; a recomputed block keeps its input, and its own
 activations come back while its backward runs, one block at a time) times the micro-batches
 the 1F1B schedule holds in flight on that stage.
