@@ -7,10 +7,11 @@ Model FLOPs per byte for training (forward + backward) follow the paper's count,
 bytes does 6 * (its matmul parameters) / p, plus attention 12 * width * context / p
 (the PaLM convention: causal masking not discounted). Embedding lookups are free.
 
-Activations are the elements a layer keeps for backward per sequence (about 16 x width
-per position for a block: norms, q/k/v, attention output, the MLP's 4x hidden twice;
-attention's scores are not kept, scaled_dot_product_attention recomputes them). A block
-whose activations are recomputed keeps its input alone (1 x width per position).
+Activations are the values a layer keeps for backward per sequence, in the run's precision
+(16 x width per position for a block: norms, q/k/v, attention output, the MLP's 4x hidden
+twice; attention's scores are not kept, scaled_dot_product_attention recomputes them). A block
+whose activations are recomputed keeps its input alone (1 x width per position). Counted
+against what autograd saves in bf16 (tests/parallel/test_cost.py): within 2% for a block.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from megatrain.model import VOCAB_SIZE, GlobalEmbedding, MegabyteConfig, StageBlock, StageInput, layer_specs
+from megatrain.model.layers import SMALL_ATTENTION_MAX
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,20 @@ class Piece:
     cost: LayerCost
 
 
-ACTIVATIONS_PER_WIDTH = {GlobalEmbedding: 2, StageInput: 3}
-# A block's 16 per position: the attention branch keeps its input, the norm, q, k, v and
+BYTE_ID_VALUES = 4  # an int64 byte id, in bf16 values (the embeddings keep the ids alone)
+# A block's 16 x width per position: the attention branch keeps its input, the norm, q, k, v and
 # attention's output; the MLP branch its input, the norm and the 4x hidden twice.
 BRANCH_ACTIVATIONS_PER_WIDTH = {"attention": 6, "mlp": 10}
 
 
 def _activations(cfg: MegabyteConfig, cls: type, args: tuple) -> int:
-    if cls is StageInput:
-        s = cfg.stages[args[1]]
-        return ACTIVATIONS_PER_WIDTH[cls] * s.dim * (cfg.seq_len // s.patch_size)
+    if cls is StageInput:  # the stage above's output, normed, then projected: its norm's input and output
+        above = cfg.stages[args[1] - 1]
+        return 2 * above.dim * (cfg.seq_len // above.patch_size)
     if cls is GlobalEmbedding:
-        return ACTIVATIONS_PER_WIDTH[cls] * cfg.seq_len * cfg.global_embed_dim
-    return cfg.seq_len * (cfg.local_dim + 2 * VOCAB_SIZE)  # the head: its input, logits, softmax
+        return BYTE_ID_VALUES * cfg.seq_len
+    # the head: its norm's input and output, the loss's fp32 logits (two values each) and targets
+    return cfg.seq_len * (2 * cfg.local_dim + 2 * VOCAB_SIZE + BYTE_ID_VALUES)
 
 
 def _bytes_per_position(cfg: MegabyteConfig, cls: type, args: tuple) -> int:
@@ -89,8 +92,21 @@ def _branch_costs(cfg: MegabyteConfig, block: StageBlock, stage: int) -> list[tu
         if branch == "attention":
             flops += 12.0 * s.dim * _attention_context(cfg, stage)
         costs.append((branch, LayerCost(params, flops / s.patch_size,
-                                        BRANCH_ACTIVATIONS_PER_WIDTH[branch] * s.dim * positions)))
+                                        int(_branch_activations(cfg, stage, branch) * positions))))
     return costs
+
+
+def _branch_activations(cfg: MegabyteConfig, stage: int, branch: str) -> float:
+    """The values a block's branch keeps per position. Dropout keeps a byte per value of its mask
+    (half a bf16 value; CUDA's fused kernel: on a CPU the mask is in the values' dtype). Over few
+    keys `small_attention` also keeps its fp32 weights (two values each) and their cast, which
+    with dropout are its input, and its mask."""
+    s = cfg.stages[stage]
+    values = BRANCH_ACTIVATIONS_PER_WIDTH[branch] * s.dim + (s.dim / 2 if cfg.dropout else 0)
+    keys = _attention_context(cfg, stage)
+    if branch == "attention" and keys <= SMALL_ATTENTION_MAX:
+        values += s.heads * keys * (3.5 if cfg.dropout else 3)
+    return values
 
 
 def pieces(cfg: MegabyteConfig) -> list[Piece]:
