@@ -83,7 +83,8 @@ def _params_and_matmul_flops(modules: list[nn.Module]) -> tuple[int, float]:
     return params, 6.0 * matmul
 
 
-def _branch_costs(cfg: MegabyteConfig, block: StageBlock, stage: int) -> list[tuple[str, LayerCost]]:
+def _branch_costs(cfg: MegabyteConfig, block: StageBlock, stage: int,
+                  whole_masks: bool) -> list[tuple[str, LayerCost]]:
     s = cfg.stages[stage]
     positions = cfg.seq_len // s.patch_size
     costs = []
@@ -92,31 +93,34 @@ def _branch_costs(cfg: MegabyteConfig, block: StageBlock, stage: int) -> list[tu
         if branch == "attention":
             flops += 12.0 * s.dim * _attention_context(cfg, stage)
         costs.append((branch, LayerCost(params, flops / s.patch_size,
-                                        int(_branch_activations(cfg, stage, branch) * positions))))
+                                        int(_branch_activations(cfg, stage, branch, whole_masks) * positions))))
     return costs
 
 
-def _branch_activations(cfg: MegabyteConfig, stage: int, branch: str) -> float:
-    """The values a block's branch keeps per position. Dropout keeps a byte per value of its mask
-    (half a bf16 value; CUDA's fused kernel: on a CPU the mask is in the values' dtype). Over few
-    keys `small_attention` also keeps its fp32 weights (two values each) and their cast, which
-    with dropout are its input, and its mask."""
+def _branch_activations(cfg: MegabyteConfig, stage: int, branch: str, whole_masks: bool) -> float:
+    """The values a block's branch keeps per position. Dropout keeps its mask: a byte a value
+    (half a bf16 value) from CUDA's fused kernel, a value each on a CPU and from the masks that
+    parallel.layout_invariant_dropout draws itself (`whole_masks`). Attention computed outside
+    SDPA, over few keys or with those masks, also keeps its fp32 weights (two values each) and
+    their cast, with dropout their mask and the dropped weights instead."""
     s = cfg.stages[stage]
-    values = BRANCH_ACTIVATIONS_PER_WIDTH[branch] * s.dim + (s.dim / 2 if cfg.dropout else 0)
+    mask = (1.0 if whole_masks else 0.5) if cfg.dropout else 0.0
+    values = (BRANCH_ACTIVATIONS_PER_WIDTH[branch] + mask) * s.dim
     keys = _attention_context(cfg, stage)
-    if branch == "attention" and keys <= SMALL_ATTENTION_MAX:
-        values += s.heads * keys * (3.5 if cfg.dropout else 3)
+    if branch == "attention" and (keys <= SMALL_ATTENTION_MAX or (whole_masks and cfg.dropout)):
+        values += s.heads * keys * (3 + mask)
     return values
 
 
-def pieces(cfg: MegabyteConfig) -> list[Piece]:
-    """Every place a pipeline stage may start, in `layer_specs` order, with what it costs."""
+def pieces(cfg: MegabyteConfig, whole_masks: bool = False) -> list[Piece]:
+    """Every place a pipeline stage may start, in `layer_specs` order, with what it costs
+    (`whole_masks`: its activations under parallel.layout_invariant_dropout)."""
     found = []
     for index, (cls, args) in enumerate(layer_specs(cfg)):
         with torch.device("meta"):
             layer = cls(*args)
         if cls is StageBlock:
-            found += [Piece(index, branch, cost) for branch, cost in _branch_costs(cfg, layer, args[1])]
+            found += [Piece(index, branch, cost) for branch, cost in _branch_costs(cfg, layer, args[1], whole_masks)]
         else:
             params, flops = _params_and_matmul_flops([layer])
             cost = LayerCost(params, flops / _bytes_per_position(cfg, cls, args), _activations(cfg, cls, args))

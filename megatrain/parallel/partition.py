@@ -52,9 +52,9 @@ class PipelineCut:
             return FIRST_BRANCH
         return None
 
-    def stage_pieces(self, cfg: MegabyteConfig) -> list[list[Piece]]:
-        """Each stage's pieces of the model."""
-        found = pieces(cfg)
+    def stage_pieces(self, cfg: MegabyteConfig, whole_masks: bool = False) -> list[list[Piece]]:
+        """Each stage's pieces of the model (`cost.pieces`)."""
+        found = pieces(cfg, whole_masks)
         return [[p for p in found if p.layer in self.layers(s) and self.branch(s, p.layer) in (None, p.branch)]
                 for s in range(len(self.parts) - 1)]
 

@@ -51,7 +51,7 @@ class StageMemory:
         cfg, train = run.model, run.train
         cut = pipeline_cut(cfg, run.parallel.partition_method, layout.pp)
         self.config, self.stage, self.layers = cfg, stage, cut.layers(stage)
-        self.pieces = cut.stage_pieces(cfg)[stage]
+        self.pieces = cut.stage_pieces(cfg, run.parallel.layout_invariant_dropout)[stage]
         sharded, local = set(tensor_parallel_layers(cfg)), first_local_layer(cfg)
         self.params = sum(p.cost.params / (layout.tp if p.layer in sharded else 1) for p in self.pieces)
         self.state_mib = state_mib(run, layout, self.params)

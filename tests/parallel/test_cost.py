@@ -7,7 +7,8 @@ import torch
 
 from megatrain.config import load_config
 from megatrain.model import Megabyte, bytes_loss
-from megatrain.parallel import first_local_layer, layer_costs
+from megatrain.parallel import first_local_layer, pieces
+from megatrain.parallel.masks import draw_whole_masks
 
 from ..distributed import REPO
 
@@ -35,12 +36,16 @@ def saved_bytes_by_layer(model: Megabyte, x: torch.Tensor) -> list[int]:
     return [sum(n for at, n in saved.values() if at == i) for i in range(len(model.layers))]
 
 
-def measured_and_estimated(*overrides: str):
+def measured_and_estimated(*overrides: str, whole_masks: bool = False):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [*WIDE, *overrides]).model
     torch.manual_seed(0)
     model = Megabyte(cfg).to(torch.bfloat16).train()
+    if whole_masks:  # as the pipeline's layers draw them under parallel.layout_invariant_dropout
+        for layer in model.layers:
+            draw_whole_masks(layer)
     measured = saved_bytes_by_layer(model, torch.randint(0, 256, (1, cfg.seq_len)))
-    return cfg, measured, [2 * c.activations for c in layer_costs(cfg)]  # bf16: 2 bytes a value
+    by_layer = [sum(p.cost.activations for p in pieces(cfg, whole_masks) if p.layer == i) for i in range(len(measured))]
+    return cfg, measured, [2 * values for values in by_layer]  # bf16: 2 bytes a value
 
 
 def test_each_layer_keeps_what_the_cost_model_counts_in_bf16():
@@ -61,3 +66,13 @@ def test_with_dropout_a_local_block_also_keeps_the_masks():
     cpu_extra = masks * cfg.seq_len * (2 - 1)  # bytes: a bf16 value against a byte, per mask value
     for i in range(first_local_layer(cfg) + 1, len(measured) - 1):  # between the stage input and the head
         assert measured[i] == pytest.approx(estimated[i] + cpu_extra, rel=0.005), i
+
+
+def test_with_layout_invariant_dropout_attention_also_keeps_its_weights():
+    """parallel.layout_invariant_dropout's masks are drawn in the values' dtype, and attention over
+    many keys runs outside SDPA to apply them: the global blocks keep their weights [heads, K, K]
+    too (on any device: the code is ours): within 1.5%, the causal mask of K x K bytes uncounted."""
+    cfg, measured, estimated = measured_and_estimated("model.dropout=0.1", whole_masks=True)
+    assert measured == pytest.approx(estimated, rel=0.015)
+    weights = cfg.global_heads * cfg.num_patches**2 * (2 + 1 + 1) * 2  # fp32, the mask, the dropped; bf16 bytes
+    assert weights > 0.3 * measured[1]  # a third of a global block here

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatrain.config import ConfigError, load_config
-from megatrain.parallel import Layout
+from megatrain.parallel import Layout, pieces
 from megatrain.train.memory import AUTO_SHARE, checkpoint_counts, describe_auto, stage_memories
 
 from ..distributed import REPO, launch, run_ranks
@@ -167,3 +167,16 @@ def test_a_run_with_auto_recomputes_what_fits_in_the_memory_of_its_ranks(tiny_sh
     assert f"train.checkpoint_blocks auto: [0, 0] for {AUTO_SHARE * rank_gib:.4g} GiB a rank" in job.output
     assert "(recomputed)" not in job.output  # the stage log (--verbose) marks none
     assert "pipeline stage 0: GlobalEmbedding[0], StageBlock[1], StageBlock[2]" in job.output
+
+
+def test_layout_invariant_dropout_counts_the_attention_weights_it_keeps():
+    """Its masks are a value each, and attention over many keys keeps its weights
+    (tests/parallel/test_cost.py measures both)."""
+    dropping = ["model.dropout=0.1", "train.precision=bf16", "model.seq_len=2048"]  # 256 patches: SDPA's, else
+    plain = load_config(TINY, dropping)
+    whole = load_config(TINY, [*dropping, "parallel.layout_invariant_dropout=true"])
+    values = {flag: sum(p.cost.activations for p in pieces(plain.model, flag)) for flag in (False, True)}
+    assert values[True] > 1.2 * values[False]
+    (a,), (b,) = (stage_memories(run, Layout(1, 1, 1)) for run in (plain, whole))
+    micro_bytes = plain.train.micro_batch_size * 2 / 2**20
+    assert b.activation_mib([]) - a.activation_mib([]) == pytest.approx((values[True] - values[False]) * micro_bytes)
