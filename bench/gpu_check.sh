@@ -206,15 +206,15 @@ if [[ $PARTS == *" pretrain-long-fit "* ]]; then
     # train.checkpoint_blocks: auto: the trainer recomputes the fewest blocks that fit in 90% of its GPU's
     # memory (or in FIT_MEMORY_GIB) by the estimate; the stages figure (seconds, on the CPU) gives the
     # same estimate of both pretrain-long runs for the summary
-    budget=(${FIT_MEMORY_GIB:+--set train.checkpoint_memory_gib=$FIT_MEMORY_GIB})
-    [ "$DEVICE" = cuda ] && budget+=(--memory-gib "$("$py" -c 'import torch
+    fit=(--set train.checkpoint_blocks=auto ${FIT_MEMORY_GIB:+--set train.checkpoint_memory_gib=$FIT_MEMORY_GIB})
+    budget=()
+    [ "$DEVICE" = cuda ] && budget=(--memory-gib "$("$py" -c 'import torch
 print(torch.cuda.get_device_properties(0).total_memory / 2**30)')")
     plan=("$py" -m megatrain.bench --json --device cpu --figures stages --layouts 1 --config "$LONG_CONFIG"
           --set train.grad_accum_steps=1 --set train.activation_checkpointing=true)
     "${plan[@]}" > "$out/plan-long.out" 2> "$out/plan-long.log"
-    "${plan[@]}" --set train.checkpoint_blocks=auto "${budget[@]}" > "$out/plan-long-fit.out" 2>> "$out/plan-long.log"
-    pretrain "$LONG_CONFIG" "$out/pretrain-long-fit.jsonl" "${long_pretrain[@]}" --set train.checkpoint_blocks=auto \
-        ${FIT_MEMORY_GIB:+--set train.checkpoint_memory_gib=$FIT_MEMORY_GIB}
+    "${plan[@]}" "${fit[@]}" "${budget[@]}" > "$out/plan-long-fit.out" 2>> "$out/plan-long.log"
+    pretrain "$LONG_CONFIG" "$out/pretrain-long-fit.jsonl" "${long_pretrain[@]}" "${fit[@]}"
     run_part pretrain-long-fit 120 "${cmd[@]}"
 fi
 run_part bench-text-mb12 90 "${bench[@]}" --config "$TEXT_CONFIG" --figures train --set train.micro_batch_size=12

@@ -165,6 +165,14 @@ def train_throughput(cfg: MegabyteConfig, train: TrainConfig, steps: int, device
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def one_stage(run: RunConfig, device: torch.device) -> TrainConfig:
+    """run.train with the blocks one pipeline stage on `device` recomputes (auto resolved)."""
+    if not run.train.activation_checkpointing:
+        return run.train
+    count, = checkpoint_counts(run, Layout(1, 1, 1), device_memory_gib(device))
+    return replace(run.train, checkpoint_blocks=count)
+
+
 def train_figure(cfg: MegabyteConfig, train: TrainConfig, steps: int, warmup: int, device: torch.device,
                  peak_tflops: float, datasheet_tflops: float | None, emit: Emit) -> dict[str, Any]:
     """The "train" figure: throughput, model TFLOP/s, MFU against both peaks, peak memory."""
@@ -373,15 +381,14 @@ def run_benchmark(config: str, device: torch.device, report: Report, figures: tu
     (out of memory: said in its line, and the others still run)."""
     run = load_config(config, overrides)
     cfg, train = run.model, run.train
-    if train.activation_checkpointing:  # what one pipeline stage on this device recomputes (auto resolved)
-        train = replace(train, checkpoint_blocks=checkpoint_counts(run, Layout(1, 1, 1), device_memory_gib(device))[0])
     dtype = precision_dtype(train)
     peak = measure_matmul_tflops(device, dtype, seconds=1.0)
     datasheet = datasheet_bf16_tflops(report.common["device"]) if dtype == torch.bfloat16 else None
     report.emit("device", {"torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
                            "matmul_peak_tflops": peak, "datasheet_peak_tflops": datasheet})
     measures: dict[str, Callable[[], Any]] = {
-        "train": lambda: train_figure(cfg, train, steps, warmup, device, peak, datasheet, report.emit),
+        "train": lambda: train_figure(cfg, one_stage(run, device), steps, warmup, device, peak, datasheet,
+                                      report.emit),
         "loader": lambda: loader_speed(data, cfg.seq_len),
         "generation": lambda: generation_speed(cfg, gen_bytes, device, dtype, gen_rounds, plain_dim, generators,
                                                report.emit),

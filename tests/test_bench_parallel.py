@@ -50,6 +50,13 @@ def test_with_auto_the_stage_lines_recompute_what_fits():
     assert lines[0]["recomputed_blocks"] == 2
 
 
+def test_a_list_of_counts_serves_the_layouts_it_fits():
+    """A list for pp=2 is the stages figure's at pp2 (the train figure alone is one stage)."""
+    out = stages("--layouts", "pp2", "--set", "train.activation_checkpointing=true",
+                 "--set", "train.checkpoint_blocks=[2, 0]")
+    assert [line["recomputed_blocks"] for line in out if line["figure"] == "stage"] == [2, 0]
+
+
 def test_bad_memory_is_named():
     result = subprocess.run([*BENCH, "--config", TINY, "--figures", "stages", "--layouts", "pp2", "--memory-gib", "0"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -59,8 +59,8 @@ def layout_problems(cfg: RunConfig, world_size: int) -> list[str]:
         if t.global_batch_size % (t.micro_batch_size * dp):
             out.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
                        f"x dp = {t.micro_batch_size} x {dp}: change either, or the number of ranks")
-    if t.checkpoint_blocks_problem(pp):
-        out.append(f"train.checkpoint_blocks {t.checkpoint_blocks_problem(pp)}")
+    if problem := t.checkpoint_blocks_problem(pp):
+        out.append(f"train.checkpoint_blocks {problem}")
     if cfg.parallel.partition_method not in PARTITION_METHODS:
         out.append(f"parallel.partition_method={cfg.parallel.partition_method!r} is not one of "
                    f"{', '.join(PARTITION_METHODS)}")
